@@ -1,0 +1,95 @@
+"""`dist-ptq ...`: the command line. Each subcommand parses, calls one library function, prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dist_ptq.errors import DistPTQError
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dist_ptq.eval.run import evaluate
+
+    ppl, n_tokens = evaluate(args.model_dir, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens, batch=args.batch)
+    print(f"perplexity {ppl:.3f} over {n_tokens} tokens ({args.model_dir})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dist-ptq", description="Distributed post-training quantization on MindSpore.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="perplexity of a model or quantized directory on a text file")
+    ev.add_argument("model_dir", type=Path)
+    ev.add_argument("--text", type=Path, required=True, help="UTF-8 text or JSON lines with a 'text' field")
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    ev.add_argument("--batch", type=int, default=8)
+    ev.set_defaults(func=_eval)
+
+    q = sub.add_parser("quantize", help="calibrate and quantize a model into a deploy directory")
+    q.add_argument("model_dir", type=Path)
+    q.add_argument("-c", "--config", type=Path, required=True, help="PTQConfig YAML (see configs/)")
+    q.add_argument("-o", "--out", type=Path, required=True, help="output directory (written via OUT.partial)")
+    _calib_args(q)
+    q.add_argument("--schedule", choices=["auto", "pipeline", "sequential"], default="auto")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.set_defaults(func=_quantize)
+
+    demo = sub.add_parser("demo", help="quantize the bundled tiny model (W8A8 SmoothQuant + KV int8) and compare perplexity")
+    demo.add_argument("-o", "--out", type=Path, default=Path("out/demo-w8a8-kv8"))
+    demo.set_defaults(func=_demo)
+    return ap
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", type=Path, default=None, help="UTF-8 text, JSON lines with 'text', or a .npy of token ids")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="micro-batch of samples per forward")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from dist_ptq.runtime.engine import quantize
+
+    report = quantize(
+        args.model_dir, args.config, args.out, calib=args.calib, num_samples=args.num_samples,
+        seq_len=args.seq_len, schedule=args.schedule, batch=args.batch, overwrite=args.overwrite,
+    )
+    print_report(report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_report(report: dict) -> None:
+    print(f"{'layer':>5} {'seconds':>8} {'max rel err':>12} {'mean rel err':>13}")
+    for row in report["layers"]:
+        mx = "-" if row["max_rel_err"] is None else f"{row['max_rel_err']:.4f}"
+        mn = "-" if row["mean_rel_err"] is None else f"{row['mean_rel_err']:.4f}"
+        print(f"{row['layer']:>5} {row['seconds']:>8.2f} {mx:>12} {mn:>13}")
+    print(f"total {report['total_seconds']:.1f}s, schedule {report['schedule']}")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dist_ptq.demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DistPTQError as e:
+        print(f"dist-ptq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dist-ptq: interrupted; no complete output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The unified deploy directory (SPEC §4): shards, index, description, records, manifest last.
+
+Work goes to ``OUT.partial``; each shard is written atomically (temp file + rename), and the finished
+directory appears under its real name only after ``MANIFEST.sha256`` is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from dist_ptq.errors import OutputError
+from dist_ptq.model.safetensors_io import SafetensorsFile, float32_to_bf16_bits, write_safetensors
+
+MANIFEST = "MANIFEST.sha256"
+INDEX = "model.safetensors.index.json"
+DESCRIPTION = "quantization_description.json"
+RECORD = "dist_ptq.json"
+REPORT = "report.json"
+COPIED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+MAX_SHARD_BYTES = 4 << 30
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"quant-model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def encode_model_dtype(a: np.ndarray, tag: str) -> tuple[np.ndarray, str]:
+    """A float32 array as stored in the model dtype: (array to write, safetensors dtype tag)."""
+    if tag == "BF16":
+        return float32_to_bf16_bits(a), "BF16"
+    if tag == "F16":
+        return np.asarray(a, np.float16), "F16"
+    return np.asarray(a, np.float32), "F32"
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dumps(obj), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_output_dir(out: Path, source: Path, overwrite: bool, resume: bool = False) -> Path:
+    """Refuse outputs that would clobber the source or a finished result; return the .partial path."""
+    out, source = Path(out).absolute(), Path(source).resolve()
+    real = out.resolve()
+    if real == source or source.is_relative_to(real):
+        raise OutputError(f"{out}: the output directory would contain the source model {source}; choose another -o")
+    if real.is_relative_to(source):
+        raise OutputError(f"{out}: is inside the source model directory {source}; the source is never written, choose another -o")
+    if out.exists() and not overwrite:
+        state = "a complete output" if (out / MANIFEST).is_file() else "an existing directory"
+        raise OutputError(f"{out}: {state} is already there; pass --overwrite to replace it")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    return partial
+
+
+def write_shard(
+    partial: Path,
+    filename: str,
+    tensors: dict[str, np.ndarray],
+    model_dtype_names: set[str],
+    int4_names: set[str],
+    model_dtype: str,
+) -> dict[str, str]:
+    """Write one shard; returns its part of the index (name → file)."""
+    arrays, tags = {}, {}
+    for name, a in tensors.items():
+        if name in model_dtype_names:
+            arrays[name], tags[name] = encode_model_dtype(a, model_dtype)
+        else:
+            arrays[name] = np.ascontiguousarray(a)
+    meta = {"format": "ms"}
+    meta.update({n: "Int4" for n in sorted(int4_names)})
+    write_safetensors(partial / filename, arrays, metadata=meta, dtypes=tags)
+    return {n: filename for n in tensors}
+
+
+def finish(
+    partial: Path,
+    out: Path,
+    source: Path,
+    weight_map: dict[str, str],
+    description: dict[str, str] | None,
+    record: dict,
+    report: dict,
+    index_name: str = INDEX,
+) -> None:
+    """Copy the source's config and tokenizer, write index and records, manifest last, then rename."""
+    for name in COPIED:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, partial / name)
+    total = 0
+    for f in sorted(set(weight_map.values())):
+        with SafetensorsFile(partial / f) as st:
+            total += sum(st.nbytes(n) for n in st.keys())
+    write_json_atomic(partial / index_name, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    if description is not None:
+        write_json_atomic(partial / DESCRIPTION, dict(sorted(description.items())))
+    write_json_atomic(partial / RECORD, record)
+    write_json_atomic(partial / REPORT, report)
+    write_manifest(partial)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, out)
+
+
+def write_manifest(root: Path) -> None:
+    """sha256 of every file under root (sha256sum format, sorted paths); written last."""
+    lines = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("layers/") or rel.endswith(".tmp"):
+            continue
+        lines.append(f"{sha256_file(path)}  {rel}\n")
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, root / MANIFEST)
+
+
+def read_manifest(root: Path) -> dict[str, str]:
+    out = {}
+    for line in (root / MANIFEST).read_text(encoding="utf-8").splitlines():
+        digest, _, rel = line.partition("  ")
+        out[rel] = digest
+    return out

@@ -1,0 +1,194 @@
+"""Architecture specs read from a Hugging Face config.json: Llama, Qwen2, Qwen3.
+
+A spec lists tensors and the linears that share an input (q/k/v; gate/up), as the GPTQ reference's
+``llama.py`` does, instead of tracing a module graph.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dist_ptq.errors import CheckpointError, UnsupportedModelError
+
+# model_type -> (q/k/v bias, q_norm/k_norm)
+FAMILIES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
+
+# Linears grouped by the activation that feeds them. Key = the tap name the forward reports.
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o_in": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "down_in": ("mlp.down_proj",),
+}
+LINEARS: tuple[str, ...] = tuple(name for group in INPUT_GROUPS.values() for name in group)
+COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def input_group_of(linear: str) -> str:
+    """The tap name of the activation feeding ``linear`` (a layer-local name such as 'mlp.up_proj')."""
+    for group, members in INPUT_GROUPS.items():
+        if linear in members:
+            return group
+    raise KeyError(linear)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, float | str], ...] | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    torch_dtype: str
+
+    # ---- tensor names and shapes -------------------------------------------------------------
+    def layer_prefix(self, i: int) -> str:
+        return f"model.layers.{i}."
+
+    def layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        """Every tensor of decoder layer ``i``, full HF names, with its shape."""
+        h, d = self.hidden_size, self.head_dim
+        q, kv, f = self.num_heads * d, self.num_kv_heads * d, self.intermediate_size
+        local: dict[str, tuple[int, ...]] = {
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q, h),
+            "self_attn.k_proj.weight": (kv, h),
+            "self_attn.v_proj.weight": (kv, h),
+            "self_attn.o_proj.weight": (h, q),
+            "mlp.gate_proj.weight": (f, h),
+            "mlp.up_proj.weight": (f, h),
+            "mlp.down_proj.weight": (h, f),
+        }
+        if self.qkv_bias:
+            local.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        if self.qk_norm:
+            local.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+        p = self.layer_prefix(i)
+        return {p + k: v for k, v in local.items()}
+
+    def global_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size), "model.norm.weight": (self.hidden_size,)}
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        return shapes
+
+    def all_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = dict(self.global_shapes())
+        for i in range(self.num_layers):
+            shapes.update(self.layer_shapes(i))
+        return shapes
+
+    @property
+    def lm_head_name(self) -> str:
+        return "model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"
+
+    # ---- rotary embedding ---------------------------------------------------------------------
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies (float64), with Llama-3 scaling applied when configured."""
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        if self.rope_scaling is None:
+            return inv
+        rs = dict(self.rope_scaling)
+        factor = float(rs["factor"])
+        low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        old_ctx = float(rs["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled)
+
+    def rope_cos_sin(self, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin of shape (seq_len, head_dim), float32, in the HF rotate_half layout."""
+        freqs = np.outer(np.arange(seq_len, dtype=np.float64), self.inv_freq())
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def _need(cfg: dict, key: str, path: Path):
+    if key not in cfg:
+        raise CheckpointError(f"{path}: config.json lacks '{key}', which a {cfg.get('model_type')} model needs")
+    return cfg[key]
+
+
+def spec_from_config(cfg: dict, path: Path | str = "config.json") -> ArchSpec:
+    """Build the spec from a parsed config.json; unsupported architectures are refused by name."""
+    path = Path(path)
+    family = cfg.get("model_type")
+    if family not in FAMILIES:
+        raise UnsupportedModelError(
+            f"{path}: model_type {family!r} is not supported; expected one of: {', '.join(FAMILIES)}"
+        )
+    qkv_bias, qk_norm = FAMILIES[family]
+    if family == "llama" and cfg.get("attention_bias", False):
+        qkv_bias = True
+    if family == "llama" and cfg.get("mlp_bias", False):
+        raise UnsupportedModelError(f"{path}: mlp_bias=true is not supported; expected mlp_bias false")
+    hidden = int(_need(cfg, "hidden_size", path))
+    heads = int(_need(cfg, "num_attention_heads", path))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    if heads % kv_heads:
+        raise CheckpointError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "default":
+            scaling = None
+        elif kind != "llama3":
+            raise UnsupportedModelError(f"{path}: rope_scaling type {kind!r} is not supported; expected 'llama3' or none")
+        else:
+            scaling = tuple(sorted((k, v) for k, v in scaling.items() if k not in ("rope_type", "type")))
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{path}: hidden_act {cfg.get('hidden_act')!r} is not supported; expected 'silu'")
+    return ArchSpec(
+        family=family,
+        hidden_size=hidden,
+        num_layers=int(_need(cfg, "num_hidden_layers", path)),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=int(_need(cfg, "intermediate_size", path)),
+        vocab_size=int(_need(cfg, "vocab_size", path)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+        torch_dtype=str(cfg.get("torch_dtype", "bfloat16")),
+    )
+
+
+def load_spec(model_dir: Path | str) -> ArchSpec:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise CheckpointError(f"{model_dir}: not a directory; expected a model directory with config.json")
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return spec_from_config(cfg, path)

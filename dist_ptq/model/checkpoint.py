@@ -1,0 +1,69 @@
+"""A Hugging Face model directory opened lazily: spec + tensors checked against it, read layer by layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dist_ptq.errors import CheckpointError
+from dist_ptq.model.arch import ArchSpec, load_spec
+from dist_ptq.model.safetensors_io import ModelFiles
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+class Checkpoint:
+    """The source model. Nothing is read until asked for; every tensor read is checked for NaN/Inf."""
+
+    def __init__(self, model_dir: Path | str):
+        self.dir = Path(model_dir)
+        self.spec: ArchSpec = load_spec(self.dir)
+        self.files = ModelFiles(self.dir)
+        self._check_names_and_shapes()
+
+    def _check_names_and_shapes(self) -> None:
+        expected = self.spec.all_shapes()
+        present = set(self.files.keys())
+        # HF checkpoints may carry rotary caches; anything else unknown is refused.
+        present = {n for n in present if not n.endswith("rotary_emb.inv_freq")}
+        if self.spec.tie_word_embeddings:
+            present.discard("lm_head.weight")
+        missing = sorted(set(expected) - present)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{self.dir}: tensor {missing[0]} is missing{more}; config.json implies it")
+        extra = sorted(present - set(expected))
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise CheckpointError(f"{self.dir}: unexpected tensor {extra[0]}{more} for a {self.spec.family} model")
+        for name, shape in expected.items():
+            got = tuple(self.files.shape(name))
+            if got != tuple(shape):
+                raise CheckpointError(
+                    f"{self.files.file_of(name)}: tensor {name} has shape {list(got)}; config.json implies {list(shape)}"
+                )
+            dtype = self.files.dtype(name)
+            if dtype not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{self.files.file_of(name)}: tensor {name} has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
+                )
+
+    def get(self, name: str) -> np.ndarray:
+        """float32 copy of one tensor, refused if it holds NaN or Inf."""
+        a = self.files.get_float32(name)
+        if not np.isfinite(a).all():
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            raise CheckpointError(f"{self.files.file_of(name)}: tensor {name} holds {bad} NaN/Inf values; expected finite weights")
+        return a
+
+    def layer(self, i: int) -> dict[str, np.ndarray]:
+        """Layer i's tensors with layer-local names ('self_attn.q_proj.weight', ...)."""
+        prefix = self.spec.layer_prefix(i)
+        return {n[len(prefix):]: self.get(n) for n in sorted(self.spec.layer_shapes(i))}
+
+    def dtype_of(self, name: str) -> str:
+        return self.files.dtype(name)
+
+    def close(self) -> None:
+        self.files.close()

@@ -1,0 +1,83 @@
+"""Random Hugging Face checkpoints of a given shape, for architecture tests and benchmarks.
+
+Tensors are generated and written shard by shard, so a 7B-shaped model never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from dist_ptq.model.arch import spec_from_config
+from dist_ptq.model.safetensors_io import float32_to_bf16_bits, write_safetensors
+
+
+def random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, num_layers: int) -> np.ndarray:
+    """Weights with realistic scales: norms near 1, linears ~N(0, 0.02), residual outputs smaller."""
+    if name.endswith("norm.weight"):
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if name.endswith(".bias"):
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+    return (std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+
+
+def write_random_model(
+    out_dir: Path | str, config: dict, seed: int = 0, dtype: str = "BF16", shard_bytes: int | None = None
+) -> Path:
+    """Write config.json and model.safetensors (or shards plus index when ``shard_bytes`` is set)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = spec_from_config(config)
+    shapes = spec.all_shapes()
+    itemsize = 2 if dtype in ("BF16", "F16") else 4
+    names = sorted(shapes)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        nbytes = math.prod(shapes[n]) * itemsize
+        if shard_bytes and shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes
+    rng = np.random.default_rng(seed)
+    weight_map = {}
+    for k, group in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for n in group:
+            a = random_tensor(n, shapes[n], rng, spec.num_layers)
+            tensors[n] = float32_to_bf16_bits(a) if dtype == "BF16" else a.astype(np.float16 if dtype == "F16" else np.float32)
+            weight_map[n] = fname
+        write_safetensors(out / fname, tensors, metadata={"format": "pt"}, dtypes={n: dtype for n in tensors})
+        del tensors
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def tiny_config(family: str = "llama", **overrides) -> dict:
+    """A small config of each supported family for tests."""
+    cfg = {
+        "model_type": family,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 96,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+    }
+    cfg.update(overrides)
+    return cfg

@@ -1,0 +1,73 @@
+"""The fake-quant forward: float MindSpore ops that reproduce what the quantized kernels compute.
+
+Used during quantization (sequential calibration, per-layer error); the reference integer inference
+in ``eval/quantized_linear.py`` must agree with it.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+
+from dist_ptq.model.forward import KVFn, LinearFn, float_linear, to_tensor
+from dist_ptq.quant.layer import QuantizedLayer
+
+
+def fake_quant_per_token(x: ms.Tensor, axis: int = -1) -> ms.Tensor:
+    """Symmetric int8 per token (the last axis is reduced): round(x / t)·t, t = absmax/127."""
+    t = ops.amax(ops.abs(x), axis, True) / 127.0
+    t = ops.select(t > 0, t, ops.ones_like(t))
+    return ops.clamp(ops.round(x / t), -127.0, 127.0) * t
+
+
+def fake_linear(ql: QuantizedLayer, float_weights: dict[str, ms.Tensor]) -> LinearFn:
+    plain = float_linear(float_weights)
+    prepared = {}
+    for name, lin in ql.linears.items():
+        prepared[name] = (
+            lin,
+            to_tensor(lin.w_dq),
+            None if lin.bias is None else to_tensor(lin.bias),
+            None if lin.input_scale is None else to_tensor(lin.input_scale),
+            None if lin.smooth_scale is None else to_tensor(lin.smooth_scale),
+        )
+
+    def linear(name: str, x: ms.Tensor) -> ms.Tensor:
+        if name not in prepared:
+            return plain(name, x)
+        lin, w, bias, input_scale, smooth = prepared[name]
+        if lin.kind == "W8A8":
+            xq = ops.clamp(ops.round(x / input_scale) + float(lin.x_offset), -128.0, 127.0)
+            x = (xq - float(lin.x_offset)) * lin.x_scale
+        elif lin.kind == "W8A8_DYNAMIC":
+            x = fake_quant_per_token(x * smooth if smooth is not None else x)
+        y = ops.matmul(x, w.T)
+        return y + bias if bias is not None else y
+
+    return linear
+
+
+def kv_int8_static(k_scale: np.ndarray, v_scale: np.ndarray, num_kv_heads: int, head_dim: int) -> KVFn:
+    """K/V as read back from an int8 cache with per-channel scales (C8)."""
+    shape = (1, num_kv_heads, 1, head_dim)
+    ks = to_tensor(np.asarray(k_scale).reshape(shape))
+    vs = to_tensor(np.asarray(v_scale).reshape(shape))
+
+    def kv(k: ms.Tensor, v: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
+        return (ops.clamp(ops.round(k / ks), -127.0, 127.0) * ks, ops.clamp(ops.round(v / vs), -127.0, 127.0) * vs)
+
+    return kv
+
+
+def kv_int8_dynamic(k: ms.Tensor, v: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
+    """K/V as read back from an int8 cache quantized per token and kv head (C8_DYNAMIC)."""
+    return fake_quant_per_token(k), fake_quant_per_token(v)
+
+
+def fake_kv(ql: QuantizedLayer, num_kv_heads: int, head_dim: int) -> KVFn | None:
+    if ql.kv == "C8_DYNAMIC":
+        return kv_int8_dynamic
+    if ql.kv == "C8":
+        return kv_int8_static(ql.tensors["self_attn.k_scale"], ql.tensors["self_attn.v_scale"], num_kv_heads, head_dim)
+    return None

@@ -1,0 +1,21 @@
+"""KV-cache int8: static per-channel scales from calibration (C8) and the per-token form (C8_DYNAMIC).
+
+Scales are symmetric; the cache stores clamp(round(k / scale), -127, 127) and reads back q·scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dist_ptq.quant.primitives import sym_scale
+
+
+def static_kv_scales(k_absmax: np.ndarray, v_absmax: np.ndarray) -> dict[str, np.ndarray]:
+    """C8 tensors (layer-local names) from per-channel absmax over (kv_heads·head_dim)."""
+    zeros = np.zeros(k_absmax.shape, np.int8)
+    return {
+        "self_attn.k_scale": sym_scale(k_absmax, 8),
+        "self_attn.v_scale": sym_scale(v_absmax, 8),
+        "self_attn.k_offset": zeros,
+        "self_attn.v_offset": zeros.copy(),
+    }

@@ -1,0 +1,89 @@
+"""Quantization primitives: choose parameters, quantize, dequantize, pack int4 (SPEC §3).
+
+Plain numpy on small arrays: exact and deterministic, which the byte-identical output contract needs.
+
+| granularity  | weight scale shape | how                                     |
+|--------------|--------------------|-----------------------------------------|
+| per channel  | (oc,)              | absmax over each output row             |
+| per group g  | (oc, ic/g)         | absmax over each run of g input columns |
+| per tensor   | ()                 | activations: asymmetric min/max          |
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QMAX = {8: 127, 4: 7}
+QMIN = {8: -127, 4: -8}
+INT8_MIN, INT8_MAX = -128, 127
+EPS = 1e-12
+
+
+def sym_scale(absmax: np.ndarray, bits: int) -> np.ndarray:
+    """absmax / qmax, float32; an all-zero channel gets scale 1 so it stays finite."""
+    absmax = np.asarray(absmax, dtype=np.float32)
+    scale = absmax / np.float32(QMAX[bits])
+    return np.where(absmax > EPS, scale, np.float32(1.0)).astype(np.float32)
+
+
+def quantize_sym(x: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """round-half-to-even(x / scale) clamped to the symmetric range, as int8."""
+    q = np.rint(np.asarray(x, np.float32) / scale)
+    return np.clip(q, QMIN[bits], QMAX[bits]).astype(np.int8)
+
+
+def asym_params(lo: float, hi: float) -> tuple[np.float32, int]:
+    """Per-tensor asymmetric int8 (scale, offset) from a range that is widened to include 0."""
+    lo, hi = min(0.0, float(lo)), max(0.0, float(hi))
+    scale = np.float32((hi - lo) / 255.0) if hi - lo > EPS else np.float32(1.0)
+    offset = int(np.rint(-128.0 - lo / float(scale)))
+    return scale, int(np.clip(offset, INT8_MIN, INT8_MAX))
+
+
+def quantize_asym(x: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    q = np.rint(np.asarray(x, np.float32) / scale) + offset
+    return np.clip(q, INT8_MIN, INT8_MAX).astype(np.int8)
+
+
+def weight_scale(w: np.ndarray, bits: int, group_size: int = 0, clip_ratio: np.ndarray | float = 1.0) -> np.ndarray:
+    """Symmetric scales of a (oc, ic) weight: (oc,) per channel, (oc, ic/g) per group."""
+    if group_size:
+        absmax = np.abs(w.reshape(w.shape[0], -1, group_size)).max(-1)
+    else:
+        absmax = np.abs(w).max(-1)
+    return sym_scale(absmax * np.asarray(clip_ratio, np.float32), bits)
+
+
+def expand_scale(scale: np.ndarray, ic: int) -> np.ndarray:
+    """Per-channel (oc,) or per-group (oc, ng) scale broadcast to (oc, ic)."""
+    if scale.ndim == 1:
+        return scale[:, None]
+    return np.repeat(scale, ic // scale.shape[1], axis=1)
+
+
+def quantize_weight(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    return quantize_sym(w, expand_scale(scale, w.shape[1]), bits)
+
+
+def dequantize_weight(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * expand_scale(scale, q.shape[1])
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """(oc, ic) int4 values in int8 → (ic, oc/2) bytes, transposed, low nibble = even output channel."""
+    qt = np.ascontiguousarray(q.T).astype(np.int16)
+    if qt.shape[1] % 2:
+        raise ValueError(f"int4 packing needs an even output dimension, got {qt.shape[1]}")
+    low, high = qt[:, 0::2] & 0xF, qt[:, 1::2] & 0xF
+    return ((high << 4) | low).astype(np.uint8).view(np.int8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """Inverse of pack_int4: (ic, oc/2) bytes → (oc, ic) int8 values in [-8, 7]."""
+    b = packed.view(np.uint8).astype(np.int16)
+    low, high = b & 0xF, b >> 4
+    low = np.where(low > 7, low - 16, low)
+    high = np.where(high > 7, high - 16, high)
+    qt = np.empty((b.shape[0], b.shape[1] * 2), dtype=np.int8)
+    qt[:, 0::2], qt[:, 1::2] = low, high
+    return np.ascontiguousarray(qt.T)
