@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dist_ptq.errors import DistPTQError
+from dist_ptq.errors import CalibrationError, DistPTQError
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -35,8 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--out", type=Path, required=True, help="output directory (written via OUT.partial)")
     _calib_args(q)
     q.add_argument("--schedule", choices=["auto", "pipeline", "sequential"], default="auto")
+    _cluster_args(q)
+    q.add_argument("--stats", type=Path, default=None, help="reuse statistics written by `dist-ptq calibrate`")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.set_defaults(func=_quantize)
+
+    c = sub.add_parser("calibrate", help="run calibration only and save the merged statistics for --stats")
+    c.add_argument("model_dir", type=Path)
+    c.add_argument("-o", "--out", type=Path, required=True, help="statistics directory")
+    _calib_args(c)
+    _cluster_args(c)
+    c.add_argument("--hessian", action="store_true", help="also accumulate GPTQ Hessians (large: ic² floats per linear input)")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_calibrate)
 
     demo = sub.add_parser("demo", help="quantize the bundled tiny model (W8A8 SmoothQuant + KV int8) and compare perplexity")
     demo.add_argument("-o", "--out", type=Path, default=Path("out/demo-w8a8-kv8"))
@@ -51,12 +62,35 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8, help="micro-batch of samples per forward")
 
 
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1, help="pipeline stages (contiguous layer ranges)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per stage; they split the calibration samples")
+    p.add_argument("--address", default=None, help="join a Ray cluster: auto or HOST:PORT (default: embedded Ray)")
+    p.add_argument("--device", choices=["cpu", "ascend"], default="cpu")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from dist_ptq.runtime.coordinator import calibrate
+
+    if args.calib is None:
+        raise CalibrationError("calibrate needs calibration data: pass --calib FILE")
+    out = calibrate(
+        args.model_dir, args.out, args.calib, num_samples=args.num_samples, seq_len=args.seq_len, batch=args.batch,
+        workers=args.workers, replicas=args.replicas, address=args.address, device=args.device,
+        hessian=args.hessian, overwrite=args.overwrite,
+    )
+    print(f"wrote statistics to {out}")
+    return 0
+
+
 def _quantize(args: argparse.Namespace) -> int:
-    from dist_ptq.runtime.engine import quantize
+    from dist_ptq.runtime.coordinator import quantize
 
     report = quantize(
         args.model_dir, args.config, args.out, calib=args.calib, num_samples=args.num_samples,
-        seq_len=args.seq_len, schedule=args.schedule, batch=args.batch, overwrite=args.overwrite,
+        seq_len=args.seq_len, schedule=args.schedule, batch=args.batch, workers=args.workers,
+        replicas=args.replicas, address=args.address, device=args.device, stats=args.stats,
+        overwrite=args.overwrite,
     )
     print_report(report)
     print(f"wrote {args.out}")

@@ -9,7 +9,7 @@ import mindspore as ms
 from dist_ptq.assets import TINY_LLAMA
 from dist_ptq.config import OutliersSuppressionType, PTQConfig, SmoothQuantConfig
 from dist_ptq.eval.run import evaluate
-from dist_ptq.runtime.engine import quantize
+from dist_ptq.runtime.coordinator import quantize
 
 DEMO_CONFIG = PTQConfig(
     weight_quant_dtype=ms.int8,

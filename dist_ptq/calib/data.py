@@ -74,6 +74,8 @@ def make_samples(ids: np.ndarray, num_samples: int | None, seq_len: int, source:
     """Cut a token stream into consecutive windows; fewer tokens than one window is an error."""
     if seq_len <= 0:
         raise CalibrationError(f"seq_len must be positive, got {seq_len}")
+    if ids.size == 0:
+        raise CalibrationError(f"{source}: holds no tokens (empty?); expected at least one sample of seq_len={seq_len} tokens")
     if ids.ndim == 2:
         if ids.shape[1] < seq_len:
             raise CalibrationError(f"{source}: samples have {ids.shape[1]} tokens; expected at least seq_len={seq_len}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_ptq.calib.data import make_samples, token_ids
-from dist_ptq.errors import CheckpointError
+from dist_ptq.errors import CalibrationError, CheckpointError
 from dist_ptq.eval.perplexity import perplexity
 from dist_ptq.model.forward import configure_mindspore
 
@@ -26,6 +26,8 @@ def open_source(model_dir: Path, max_len: int):
 
 def evaluate(model_dir: Path | str, text: Path | str, seq_len: int = 256, max_tokens: int | None = None, batch: int = 8):
     """(perplexity, number of tokens scored)."""
+    if seq_len < 2:
+        raise CalibrationError(f"--seq-len {seq_len}: perplexity needs at least 2 tokens per sample")
     configure_mindspore()
     model_dir = Path(model_dir)
     source = open_source(model_dir, seq_len)

@@ -41,20 +41,24 @@ class Checkpoint:
             got = tuple(self.files.shape(name))
             if got != tuple(shape):
                 raise CheckpointError(
-                    f"{self.files.file_of(name)}: tensor {name} has shape {list(got)}; config.json implies {list(shape)}"
+                    f"{self._where(name)}: tensor {name} has shape {list(got)}; config.json implies {list(shape)}"
                 )
             dtype = self.files.dtype(name)
             if dtype not in FLOAT_DTYPES:
                 raise CheckpointError(
-                    f"{self.files.file_of(name)}: tensor {name} has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
+                    f"{self._where(name)}: tensor {name} has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
                 )
+
+    def _where(self, name: str) -> Path:
+        """The file holding ``name``, with the model directory, for error messages."""
+        return self.dir / self.files.file_of(name)
 
     def get(self, name: str) -> np.ndarray:
         """float32 copy of one tensor, refused if it holds NaN or Inf."""
         a = self.files.get_float32(name)
         if not np.isfinite(a).all():
             bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-            raise CheckpointError(f"{self.files.file_of(name)}: tensor {name} holds {bad} NaN/Inf values; expected finite weights")
+            raise CheckpointError(f"{self._where(name)}: tensor {name} holds {bad} NaN/Inf values; expected finite weights")
         return a
 
     def layer(self, i: int) -> dict[str, np.ndarray]:

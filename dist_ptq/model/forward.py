@@ -28,13 +28,15 @@ KVFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 _configured = False
 
 
-def configure_mindspore(threads: int | None = None) -> None:
-    """PyNative mode on the configured device, with a bounded thread count (one per Ray worker)."""
+def configure_mindspore(threads: int | None = None, device: str | None = None) -> None:
+    """PyNative mode on the chosen device ('cpu' or 'ascend'), with a bounded thread count (one per Ray actor)."""
     global _configured
     if _configured:
         return
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.set_device(os.environ.get("DIST_PTQ_DEVICE", "CPU"))
+    target = (device or os.environ.get("DIST_PTQ_DEVICE", "cpu")).lower()
+    # Ray sets ASCEND_RT_VISIBLE_DEVICES to the NPU it assigned, which MindSpore then sees as device 0.
+    ms.set_device("Ascend" if target == "ascend" else "CPU")
     n = threads or int(os.environ.get("DIST_PTQ_THREADS", "0") or 0)
     if n > 0:
         from mindspore.device_context.cpu.op_tuning import threads_num

@@ -1,0 +1,82 @@
+"""Per-layer steps shared by every schedule: calibrate, measure the quantized layer, shape its output.
+
+Each takes tensors and returns values; the stage worker strings them together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+
+from dist_ptq.config import BackendTarget
+from dist_ptq.model.forward import decoder_layer
+from dist_ptq.quant.layer import QuantizedLayer
+from dist_ptq.quant.observers import LayerStats, kv_channels, observe
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    seconds: float
+    max_rel_err: float | None  # max over samples of ‖y_q − y‖ / ‖y‖ of the layer's residual update
+    mean_rel_err: float | None
+    tokens: int
+
+
+def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer: int, hessian: bool = False):
+    """The float layer on one micro-batch: (output, statistics of every tap)."""
+    stats: LayerStats = {}
+
+    def tap(name: str, t: ms.Tensor) -> None:
+        a = t.asnumpy()
+        a = kv_channels(a) if name in ("k", "v") else a.reshape(-1, a.shape[-1])
+        stats[name] = observe(a, f"layer {layer} {name}", hessian=hessian and name not in ("k", "v"))
+
+    return decoder_layer(weights, spec, x, rope.cos_sin, rope.mask, tap=tap), stats
+
+
+def batch_errors(x: ms.Tensor, y_float: ms.Tensor, y_quant: ms.Tensor) -> np.ndarray:
+    """Per-sample relative error of the layer's update (output minus residual input), float64."""
+    df = (y_float - x).asnumpy().astype(np.float64)
+    dq = (y_quant - x).asnumpy().astype(np.float64)
+    num = np.sqrt(((dq - df) ** 2).sum(axis=(1, 2)))
+    den = np.sqrt((df**2).sum(axis=(1, 2)))
+    return num / np.maximum(den, 1e-30)
+
+
+def deploy_tensors(ql: QuantizedLayer, backend: BackendTarget) -> tuple[dict[str, np.ndarray], set[str], set[str], dict | None]:
+    """(tensors, model-dtype names, int4 names, description) for the chosen backend, layer-local names."""
+    if backend is BackendTarget.ASCEND:
+        return ql.tensors, ql.model_dtype, ql.int4, ql.description
+    # generic float checkpoint: every quantized weight replaced by its dequantized value
+    tensors = {n: a for n, a in ql.tensors.items() if ql.description[n] == "FLOAT"}
+    for name, lin in ql.linears.items():
+        w = lin.w_dq
+        if lin.input_scale is not None and lin.x_scale:
+            w = w * (np.float32(lin.x_scale) / lin.input_scale.astype(np.float32))[None, :]
+        elif lin.smooth_scale is not None:
+            w = w * lin.smooth_scale[None, :]
+        tensors[name + ".weight"] = w.astype(np.float32)
+        if lin.bias is not None:
+            tensors[name + ".bias"] = lin.bias
+    return tensors, set(tensors), set(), None
+
+
+def activation_record(ql: QuantizedLayer, prefix: str) -> dict:
+    """Activation and K/V parameters of a layer, for dist_ptq.json when the backend is NONE."""
+    rec = {}
+    for name, lin in ql.linears.items():
+        if lin.kind == "W8A8":
+            rec[prefix + name] = {"type": "W8A8", "x_scale": lin.x_scale, "x_offset": lin.x_offset,
+                                  "input_scale": [float(v) for v in lin.input_scale]}
+        elif lin.kind == "W8A8_DYNAMIC":
+            rec[prefix + name] = {"type": "W8A8_DYNAMIC",
+                                  "smooth_scale": None if lin.smooth_scale is None else [float(v) for v in lin.smooth_scale]}
+    if ql.kv == "C8":
+        rec[prefix + "self_attn"] = {"type": "C8", "k_scale": [float(v) for v in ql.tensors["self_attn.k_scale"]],
+                                     "v_scale": [float(v) for v in ql.tensors["self_attn.v_scale"]]}
+    elif ql.kv == "C8_DYNAMIC":
+        rec[prefix + "self_attn"] = {"type": "C8_DYNAMIC"}
+    return rec

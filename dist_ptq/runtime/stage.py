@@ -1,0 +1,197 @@
+"""A stage worker: one contiguous range of decoder layers, one replica.
+
+It reads only its own layers' tensors (lazily), runs them on the micro-batches it is given, returns
+statistics, quantizes with the statistics the coordinator merged, and writes its layers' shards.
+It knows nothing of scheduling: the coordinator calls these methods in the order a schedule needs.
+Under Ray it is an actor (``ray.remote(StageWorker)``); with one worker it runs in the driver.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+
+from dist_ptq.config import BackendTarget, PTQConfig
+from dist_ptq.export import unified
+from dist_ptq.model.checkpoint import Checkpoint
+from dist_ptq.model.forward import configure_mindspore, decoder_layer, embed, to_tensor
+from dist_ptq.model.layer_source import Rope
+from dist_ptq.quant.fake import fake_kv, fake_linear
+from dist_ptq.quant.layer import quantize_layer
+from dist_ptq.quant.observers import LayerStats
+from dist_ptq.runtime.layer_steps import activation_record, batch_errors, deploy_tensors, observe_batch
+from dist_ptq.runtime.plan import Stage
+
+CACHE_LIMIT_BYTES = 4 << 30
+
+
+def shard_file(backend: BackendTarget, i: int, n: int) -> str:
+    if backend is BackendTarget.ASCEND:
+        return unified.shard_name(i, n)
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+class StageWorker:
+    def __init__(
+        self,
+        model_dir: str,
+        cfg: dict,
+        stage: Stage,
+        partial: str,
+        seq_len: int,
+        writer: bool = True,
+        threads: int | None = None,
+        hessian: bool = False,
+        device: str = "cpu",
+    ):
+        configure_mindspore(threads, device)
+        self.cfg = PTQConfig.from_dict(cfg)
+        self.stage, self.partial, self.writer, self.hessian = stage, Path(partial), writer, hessian
+        self.ckpt = Checkpoint(model_dir)
+        self.spec = self.ckpt.spec
+        self.reads: list[str] = []
+        self.ckpt.files.on_read = self.reads.append
+        self.model_dtype = self.ckpt.dtype_of("model.embed_tokens.weight")
+        self.rope = Rope(self.spec, seq_len)
+        self.n_shards = self.spec.num_layers + 2  # embedding, each layer, norm + lm_head
+        self.inputs: dict[int, np.ndarray] = {}  # micro-batch index → this stage's input hidden states
+        self._weights: dict[int, dict[str, ms.Tensor]] = {}
+        self._cache = stage.nbytes * 2 <= CACHE_LIMIT_BYTES  # float32 copies of the stage's layers
+
+    # ---- reading -----------------------------------------------------------------------------
+    def read_names(self) -> list[str]:
+        return list(self.reads)
+
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (None in the driver)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+    def _float(self, layer: int) -> dict[str, np.ndarray]:
+        return self.ckpt.layer(layer)
+
+    def _tensors(self, layer: int) -> dict[str, ms.Tensor]:
+        if layer in self._weights:
+            return self._weights[layer]
+        w = {k: to_tensor(v) for k, v in self._float(layer).items()}
+        if self._cache:
+            self._weights[layer] = w
+        return w
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return embed(to_tensor(self.ckpt.get("model.embed_tokens.weight")), ids).asnumpy()
+
+    # ---- pipeline schedule -------------------------------------------------------------------
+    def forward_observe(self, batch: int, hidden: np.ndarray, keep: bool) -> tuple[np.ndarray, dict[int, LayerStats]]:
+        """Float pass of one micro-batch through every layer of the stage, recording statistics;
+        ``keep`` stores the input for measuring the quantized layers later."""
+        if keep:
+            self.inputs[batch] = hidden
+        x, stats = ms.Tensor(hidden), {}
+        for i in self.stage.layers:
+            x, stats[i] = observe_batch(self._tensors(i), self.spec, self.rope, x, i, self.hessian)
+        return x.asnumpy(), stats
+
+    def quantize_stage(self, merged: dict[int, LayerStats] | None, measure: bool) -> list[dict]:
+        """Quantize every layer of the stage; with ``measure``, also each layer's error on the
+        stored inputs (float inputs flow on, as in the pipeline schedule)."""
+        xs = {b: ms.Tensor(h) for b, h in sorted(self.inputs.items())} if measure else {}
+        rows = []
+        for i in self.stage.layers:
+            t0 = time.time()
+            stats = None if merged is None else merged[i]
+            row = self._quantize_and_write(i, stats)
+            if measure:
+                row["errors"], xs = self._measure(i, row.pop("_ql"), xs, hand_on="float")
+            row.pop("_ql", None)
+            row["seconds"] = time.time() - t0
+            rows.append(row)
+            self._weights.pop(i, None)
+        self.inputs.clear()
+        return rows
+
+    # ---- sequential schedule -----------------------------------------------------------------
+    def set_inputs(self, hidden: dict[int, np.ndarray]) -> None:
+        self.inputs.update(hidden)
+
+    def embed_inputs(self, batches: dict[int, np.ndarray]) -> None:
+        """First stage, sequential schedule: embed this replica's micro-batches and keep them."""
+        for b, ids in sorted(batches.items()):
+            self.inputs[b] = self.embed(ids)
+
+    def observe_layer(self, layer: int) -> dict[int, LayerStats]:
+        """Statistics of ``layer`` on the stored inputs (the quantized outputs of the layers before)."""
+        out = {}
+        for b, h in sorted(self.inputs.items()):
+            _, out[b] = observe_batch(self._tensors(layer), self.spec, self.rope, ms.Tensor(h), layer, self.hessian)
+        return out
+
+    def apply_layer(self, layer: int, merged: LayerStats) -> dict:
+        """Quantize ``layer`` with merged statistics, then move the stored inputs through its quantized form."""
+        t0 = time.time()
+        row = self._quantize_and_write(layer, merged)
+        xs = {b: ms.Tensor(h) for b, h in sorted(self.inputs.items())}
+        row["errors"], xs = self._measure(layer, row.pop("_ql"), xs, hand_on="quant")
+        self.inputs = {b: x.asnumpy() for b, x in xs.items()}
+        row["seconds"] = time.time() - t0
+        self._weights.pop(layer, None)
+        return row
+
+    def take_outputs(self) -> dict[int, np.ndarray]:
+        out, self.inputs = self.inputs, {}
+        return out
+
+    # ---- shared ------------------------------------------------------------------------------
+    def _measure(self, layer: int, ql, xs: dict, hand_on: str):
+        w = self._tensors(layer)
+        lin, kv = fake_linear(ql, w), fake_kv(ql, self.spec.num_kv_heads, self.spec.head_dim)
+        errors, nxt = {}, {}
+        for b, x in xs.items():
+            yf = decoder_layer(w, self.spec, x, self.rope.cos_sin, self.rope.mask)
+            yq = decoder_layer(w, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=lin, kv=kv)
+            errors[b] = batch_errors(x, yf, yq)
+            nxt[b] = yf if hand_on == "float" else yq
+        return errors, nxt
+
+    def _quantize_and_write(self, layer: int, stats: LayerStats | None) -> dict:
+        prefix = self.spec.layer_prefix(layer)
+        ql = quantize_layer(layer, self._float(layer), stats, self.cfg, self.spec, self.model_dtype)
+        tensors, mdt, int4, desc = deploy_tensors(ql, self.cfg.backend)
+        row = {"layer": layer, "_ql": ql, "weight_map": {}, "description": {}, "activation_params": {}}
+        if self.writer:
+            full = {prefix + n: a for n, a in tensors.items()}
+            fname = shard_file(self.cfg.backend, layer + 1, self.n_shards)
+            row["weight_map"] = unified.write_shard(
+                self.partial, fname, full, {prefix + n for n in mdt}, {prefix + n for n in int4}, self.model_dtype
+            )
+        if desc is not None:
+            row["description"] = {prefix + n: t for n, t in desc.items()}
+        if self.cfg.backend is BackendTarget.NONE:
+            row["activation_params"] = activation_record(ql, prefix)
+        return row
+
+    def write_globals(self) -> dict:
+        """The first stage writes the embedding, the last the final norm and lm_head, as float."""
+        names, index = [], []
+        if self.stage.first:
+            names.append("model.embed_tokens.weight")
+            index.append(0)
+        if self.stage.last:
+            head = sorted(n for n in self.spec.global_shapes() if n != "model.embed_tokens.weight")
+            names.extend(head)
+            index.append(self.spec.num_layers + 1)
+        out = {"weight_map": {}, "description": {n: "FLOAT" for n in names}}
+        if self.writer:
+            groups = {0: ["model.embed_tokens.weight"], self.spec.num_layers + 1: [n for n in names if n != "model.embed_tokens.weight"]}
+            for i in index:
+                glob = {n: self.ckpt.get(n) for n in groups[i]}
+                fname = shard_file(self.cfg.backend, i, self.n_shards)
+                out["weight_map"].update(unified.write_shard(self.partial, fname, glob, set(glob), set(), self.model_dtype))
+        return out
+
+    def close(self) -> None:
+        self.ckpt.close()

@@ -1,0 +1,501 @@
+"""The deploy directory of every shipped recipe against the SPEC §4 format contract.
+
+Each ``configs/*.yaml`` quantizes a tiny random model (twice, for determinism); the output is then
+checked file by file: shard names, index, description, copied config, the deterministic record,
+the manifest, int4 tags, shared activation tensors. The quantized directory is evaluated through the
+reference quantized inference and compared with a fake-quant forward assembled here from the
+engine's pieces. Expected description types are derived from the raw YAML with the SPEC rules
+(substring blacklist, regex layer policies), not from PTQConfig.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mindspore import ops
+
+import dist_ptq
+from dist_ptq.config import PTQConfig, load_yaml
+from dist_ptq.errors import OutputError
+from dist_ptq.eval.perplexity import forward_logprobs
+from dist_ptq.eval.quantized_source import QuantizedSource
+from dist_ptq.eval.run import open_source
+from dist_ptq.model.checkpoint import Checkpoint
+from dist_ptq.model.fingerprint import model_fingerprint
+from dist_ptq.model.forward import configure_mindspore, decoder_layer, to_tensor
+from dist_ptq.model.layer_source import FloatSource
+from dist_ptq.model.safetensors_io import SafetensorsFile
+from dist_ptq.model.synthetic import tiny_config, write_random_model
+from dist_ptq.quant.fake import fake_kv, fake_linear
+from dist_ptq.quant.layer import quantize_layer
+from dist_ptq.quant.observers import kv_channels, merge_layer_stats, observe
+from dist_ptq.runtime import engine
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+N_SAMPLES, SEQ_LEN, VOCAB = 4, 32, 96
+TYPES = {"FLOAT", "W8A16", "W4A16", "W8A8", "W8A8_DYNAMIC", "C8", "C8_DYNAMIC"}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SUFFIXES = {
+    "W8A8": {"weight", "deq_scale", "quant_bias", "input_scale", "input_offset", "weight_scale"},
+    "W8A8_DYNAMIC": {"weight", "weight_scale"},
+    "W8A16": {"weight", "weight_scale"},
+    "W4A16": {"weight", "weight_scale"},
+}
+FORBIDDEN_RECORD_KEYS = re.compile(r"time|second|date|host|node|worker|replica|pid|elapsed|user", re.I)
+MODEL_SHAPES = {
+    # group 64 (and per channel) fit every input dim of the default tiny model (64, 128)
+    "small": tiny_config("llama"),
+    # group 128 needs every input dim a multiple of 128
+    "g128": tiny_config("llama", hidden_size=256, intermediate_size=256, head_dim=64),
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_hashes(d: Path) -> dict[str, str]:
+    return {p.relative_to(d).as_posix(): sha256(p) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def raw_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def group_sizes(raw: dict) -> set[int]:
+    return {raw.get("group_size", 0)} | {p.get("group_size", raw.get("group_size", 0))
+                                         for p in (raw.get("layer_policies") or {}).values()}
+
+
+def model_for(raw: dict) -> str:
+    return "g128" if 128 in group_sizes(raw) else "small"
+
+
+def effective(raw: dict, name: str) -> dict | None:
+    """SPEC §2: substring blacklist → None (float); else the one matching regex policy over the base."""
+    if any(entry in name for entry in raw.get("opname_blacklist") or []):
+        return None
+    policies = raw.get("layer_policies") or {}
+    hits = [p for p in policies if re.search(p, name)]
+    assert len(hits) <= 1
+    if not hits:
+        return raw
+    eff = {**raw, **policies[hits[0]]}
+    return None if any(e in name for e in policies[hits[0]].get("opname_blacklist") or []) else eff
+
+
+def expected_linear_type(raw: dict, name: str) -> str:
+    eff = effective(raw, name)
+    if eff is None or eff.get("weight_quant_dtype", "int8") is None:
+        return "FLOAT"
+    if eff.get("act_quant_dtype"):
+        return "W8A8_DYNAMIC" if eff.get("act_quant_granularity") == "per_token" else "W8A8"
+    return "W8A16" if eff.get("weight_quant_dtype", "int8") == "int8" else "W4A16"
+
+
+def expected_kv_type(raw: dict, layer: int) -> str | None:
+    eff = effective(raw, f"model.layers.{layer}.self_attn")
+    if eff is None or not eff.get("kvcache_quant_dtype"):
+        return None
+    return "C8_DYNAMIC" if eff.get("kvcache_quant_granularity") == "per_token" else "C8"
+
+
+def is_data_free(raw: dict) -> bool:
+    every = [raw, *(raw.get("layer_policies") or {}).values()]
+    return not any(r.get("act_quant_dtype") or r.get("kvcache_quant_dtype") or r.get("outliers_suppression", "none") != "none"
+                   or r.get("precision_recovery", "none") != "none" or r.get("weight_clip") for r in every)
+
+
+def read_all(out: Path) -> dict[str, tuple[str, np.ndarray, str]]:
+    """name → (dtype tag, stored array, shard file) over every shard in the index."""
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    got = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with SafetensorsFile(out / shard) as f:
+            for n in f.keys():
+                got[n] = (f.dtype(n), np.array(f.get(n)), shard)
+    return got
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    configure_mindspore()
+    root = tmp_path_factory.mktemp("deploy")
+    models = {k: write_random_model(root / f"model-{k}", cfg, seed=7) for k, cfg in MODEL_SHAPES.items()}
+    calib = root / "calib.npy"
+    np.save(calib, np.random.default_rng(3).integers(0, VOCAB, (N_SAMPLES, SEQ_LEN)).astype(np.int64))
+    before = {k: tree_hashes(d) for k, d in models.items()}
+    return {"root": root, "models": models, "calib": calib, "source_hashes": before}
+
+
+def run_quantize(env, model: str, cfg: Path, out: Path, **kw) -> dict:
+    return engine.quantize(env["models"][model], cfg, out, calib=env["calib"], num_samples=N_SAMPLES, seq_len=SEQ_LEN,
+                           progress=False, **kw)
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=[c.stem for c in CONFIGS])
+def run(request, env):
+    cfg = request.param
+    raw = raw_yaml(cfg)
+    model = model_for(raw)
+    outs = [env["root"] / f"out-{cfg.stem}-{k}" for k in (1, 2)]
+    report = run_quantize(env, model, cfg, outs[0])
+    run_quantize(env, model, cfg, outs[1])
+    return {"cfg": cfg, "raw": raw, "model": model, "model_dir": env["models"][model], "out": outs[0], "out2": outs[1],
+            "report": report, "source_after": tree_hashes(env["models"][model]), "env": env}
+
+
+# ------------------------------------------------------------------------------------ format
+
+
+def test_recipe_is_covered_by_a_model_shape(run):
+    cfg = MODEL_SHAPES[run["model"]]
+    inputs = {cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"] * cfg["head_dim"]}
+    for g in group_sizes(run["raw"]) - {0}:
+        assert all(i % g == 0 for i in inputs)
+
+
+def test_files_and_index(run):
+    out, ascend = run["out"], run["raw"].get("backend", "ascend") == "ascend"
+    files = sorted(p.name for p in out.iterdir())
+    assert all(p.is_file() for p in out.iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    pattern = r"quant-model-(\d{5})-of-(\d{5})\.safetensors" if ascend else r"model-(\d{5})-of-(\d{5})\.safetensors"
+    nums = [re.fullmatch(pattern, f) for f in shards]
+    assert shards and all(nums), shards  # no other *.safetensors in the directory
+    total = {int(m.group(2)) for m in nums}
+    assert len(total) == 1 and sorted(int(m.group(1)) for m in nums) == list(range(1, total.pop() + 1))
+    expected = {"config.json", "dist_ptq.json", "report.json", "MANIFEST.sha256", "model.safetensors.index.json", *shards}
+    if ascend:
+        expected.add("quantization_description.json")
+    assert set(files) == expected
+    assert not (out.parent / (out.name + ".partial")).exists()
+    assert not (out.parent / (out.name + ".old")).exists()
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    assert set(weight_map.values()) == set(shards)
+    in_shards, nbytes = {}, 0
+    for shard in shards:
+        with SafetensorsFile(out / shard) as f:
+            for n in f.keys():
+                assert n not in in_shards, f"{n} in two shards"
+                in_shards[n] = shard
+                nbytes += f.nbytes(n)
+    assert weight_map == in_shards
+    assert index["metadata"]["total_size"] == nbytes
+
+
+def test_description_names_every_tensor(run):
+    out, raw = run["out"], run["raw"]
+    desc_path = out / "quantization_description.json"
+    if raw.get("backend") == "none":
+        assert not desc_path.exists()
+        return
+    desc = json.loads(desc_path.read_text())
+    tensors = read_all(out)
+    assert set(desc) == set(tensors)
+    assert set(desc.values()) <= TYPES
+    spec = Checkpoint(run["model_dir"]).spec
+    for n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert desc[n] == "FLOAT"
+    for n, t in desc.items():
+        if n.endswith("norm.weight"):
+            assert t == "FLOAT", n
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        for lin in LINEARS:
+            kind = expected_linear_type(raw, p + lin)
+            names = {n for n in desc if n.startswith(p + lin + ".")}
+            suffixes = {n[len(p + lin) + 1:] for n in names}
+            if kind == "FLOAT":
+                assert suffixes == {"weight"}
+            else:
+                smooth = kind == "W8A8_DYNAMIC" and raw.get("outliers_suppression") == "smooth"
+                assert suffixes == SUFFIXES[kind] | ({"smooth_scale"} if smooth else set()), (p + lin, suffixes)
+            assert all(desc[n] == kind for n in names), (p + lin, kind)
+        kv = expected_kv_type(raw, i)
+        kv_names = {n for n in desc if re.fullmatch(re.escape(p) + r"self_attn\.[kv]_(scale|offset)", n)}
+        if kv == "C8":
+            assert {desc[n] for n in kv_names} == {"C8"} and len(kv_names) == 4
+        else:  # C8_DYNAMIC has no parameters
+            assert not kv_names
+
+
+def test_tensor_dtypes_shapes_and_int4_tags(run):
+    out, raw = run["out"], run["raw"]
+    cfg = MODEL_SHAPES[run["model"]]
+    tensors = read_all(out)
+    spec = Checkpoint(run["model_dir"]).spec
+    shapes = spec.all_shapes()
+    kvw = spec.num_kv_heads * spec.head_dim
+    metas = {}
+    for shard in {s for _, _, s in tensors.values()}:
+        with SafetensorsFile(out / shard) as f:
+            metas[shard] = f.metadata()
+    if raw.get("backend") == "none":
+        # a generic float checkpoint: every tensor float in the model dtype, HF names and shapes only
+        assert set(tensors) == set(shapes)
+        for n, (tag, a, _) in tensors.items():
+            assert tag == "BF16" and a.shape == shapes[n], n
+        assert not any(v == "Int4" for m in metas.values() for v in m.values())
+        return
+    for n, (tag, a, shard) in tensors.items():
+        linear, _, suffix = n.rpartition(".")
+        layer_linear = re.sub(r"^model\.layers\.\d+\.", "", linear)
+        kind = expected_linear_type(raw, linear) if layer_linear in LINEARS else None
+        int4 = kind == "W4A16" and suffix == "weight"
+        assert (metas[shard].get(n) == "Int4") == int4, n
+        if kind in (None, "FLOAT") and not re.search(r"[kv]_(scale|offset)$", n):
+            assert tag == "BF16" and a.shape == shapes[n], n
+            continue
+        if kind is None:  # C8
+            assert (tag, a.shape) == (("F32" if "scale" in n else "I8"), (kvw,)), n
+            if "offset" in n:
+                assert not a.any()
+            continue
+        oc, ic = shapes[linear + ".weight"]
+        want = {
+            "weight": ("I8", (ic, oc // 2) if int4 else (oc, ic)),
+            "deq_scale": ("F32", (oc,)),
+            "quant_bias": ("I32", (oc,)),
+            "input_scale": ("BF16", (ic,)),
+            "input_offset": ("I8", (ic,)),
+            "smooth_scale": ("F32", (ic,)),
+        }
+        if suffix == "weight_scale":
+            g = (effective(raw, linear) or {}).get("group_size", 0) or ic
+            assert (tag, a.shape) == ("F32", (ic // g, oc) if kind == "W4A16" else (oc,)), n
+        else:
+            assert (tag, a.shape) == want[suffix], n
+    assert cfg  # model shape in use
+
+
+def test_w8a8_shares_input_scales_within_qkv_and_gate_up(run):
+    desc_path = run["out"] / "quantization_description.json"
+    if not desc_path.exists():
+        pytest.skip("no quantized linears to compare (backend none)")
+    desc = json.loads(desc_path.read_text())
+    tensors = read_all(run["out"])
+    checked = 0
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            for key in ("input_scale", "input_offset", "smooth_scale"):
+                names = [f"{p}{m}.{key}" for m in group if f"{p}{m}.{key}" in desc]
+                if len(names) < 2:
+                    continue
+                assert len(names) == len(group)
+                first = tensors[names[0]][1]
+                assert all(tensors[n][1].tobytes() == first.tobytes() for n in names[1:]), names
+                checked += 1
+    kinds = set(desc.values())
+    if "W8A8" in kinds:
+        assert checked == 2 * 2 * 2
+    elif "W8A8_DYNAMIC" in kinds and run["raw"].get("outliers_suppression") == "smooth":
+        assert checked == 2 * 2
+
+
+def test_config_json_copied_unchanged(run):
+    assert (run["out"] / "config.json").read_bytes() == (run["model_dir"] / "config.json").read_bytes()
+
+
+def test_record_is_complete_and_deterministic(run):
+    env, raw = run["env"], run["raw"]
+    text = (run["out"] / "dist_ptq.json").read_text()
+    record = json.loads(text)
+    assert record["version"] == dist_ptq.__version__
+    assert PTQConfig.from_dict(record["config"]) == load_yaml(run["cfg"])
+    assert re.fullmatch(r"[0-9a-f]{64}", record["source"]["fingerprint"])
+    assert record["source"]["fingerprint"] == model_fingerprint(run["model_dir"])
+    if is_data_free(raw):
+        assert record["schedule"] == "data-free"
+        assert record["calibration"] is None  # the data were not used, so they are not recorded
+    else:
+        assert record["schedule"] == "pipeline"
+        assert record["calibration"] == {"sha256": sha256(env["calib"]), "num_samples": N_SAMPLES, "seq_len": SEQ_LEN}
+
+    def keys(obj, path=""):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield f"{path}.{k}", k
+                yield from keys(v, f"{path}.{k}")
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from keys(v, path)
+
+    bad = [p for p, k in keys({k: v for k, v in record.items() if k != "config"}) if FORBIDDEN_RECORD_KEYS.search(k)]
+    assert not bad, bad
+    assert socket.gethostname() not in text and str(env["root"]) not in text
+
+
+def test_manifest_lists_every_file_with_its_sha256(run):
+    out = run["out"]
+    lines = (out / "MANIFEST.sha256").read_text().splitlines()
+    listed = {}
+    for line in lines:
+        digest, _, rel = line.partition("  ")
+        assert re.fullmatch(r"[0-9a-f]{64}", digest), line
+        listed[rel] = digest
+    assert [l.partition("  ")[2] for l in lines] == sorted(listed)
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"MANIFEST.sha256"}
+    assert set(listed) == files
+    for rel, digest in listed.items():
+        assert sha256(out / rel) == digest, rel
+
+
+def test_same_recipe_gives_same_bytes(run):
+    a = dict(l.split("  ")[::-1] for l in (run["out"] / "MANIFEST.sha256").read_text().splitlines())
+    b = dict(l.split("  ")[::-1] for l in (run["out2"] / "MANIFEST.sha256").read_text().splitlines())
+    assert set(a) == set(b)
+    differ = sorted(n for n in a if a[n] != b[n])
+    assert set(differ) <= {"report.json"}, differ
+
+
+def test_source_model_untouched(run):
+    assert run["source_after"] == run["env"]["source_hashes"][run["model"]]
+    assert not any(p.name.endswith((".partial", ".tmp", ".old")) for p in run["model_dir"].iterdir())
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def float_layer_with_stats(w_ms, spec, rope, inputs, layer):
+    """The float layer over every micro-batch, its linear inputs and K/V observed and merged in order."""
+    outs, parts = [], []
+    for x in inputs:
+        part = {}
+
+        def tap(name, t):
+            a = t.asnumpy()
+            a = kv_channels(a) if name in ("k", "v") else a.reshape(-1, a.shape[-1])
+            part[name] = observe(a, f"layer {layer} {name}")
+
+        outs.append(decoder_layer(w_ms, spec, x, rope.cos_sin, rope.mask, tap=tap))
+        parts.append(part)
+    return outs, merge_layer_stats(parts)
+
+
+def fake_quant_logprobs(model_dir: Path, cfg_path: Path, calib: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The engine's pipeline schedule by hand: statistics from the float stream, ids through fake-quant layers."""
+    cfg = load_yaml(cfg_path)
+    ckpt = Checkpoint(model_dir)
+    spec = ckpt.spec
+    sched = engine.resolve_schedule(cfg, "auto")
+    assert sched in ("pipeline", "data-free")
+    src = FloatSource(ckpt, SEQ_LEN)
+    h_cal, h = [src.embed(calib)], src.embed(ids)
+    for i in range(spec.num_layers):
+        w = ckpt.layer(i)
+        w_ms = {k: to_tensor(v) for k, v in w.items()}
+        stats = None
+        if sched == "pipeline":
+            h_cal, stats = float_layer_with_stats(w_ms, spec, src.rope, h_cal, i)
+        ql = quantize_layer(i, w, stats, cfg, spec, ckpt.dtype_of("model.embed_tokens.weight"))
+        h = decoder_layer(w_ms, spec, h, src.rope.cos_sin, src.rope.mask,
+                          linear=fake_linear(ql, w_ms), kv=fake_kv(ql, spec.num_kv_heads, spec.head_dim))
+    logp = ops.log_softmax(src.logits(h), -1).asnumpy().astype(np.float64)
+    ckpt.close()
+    return np.take_along_axis(logp[:, :-1], ids[:, 1:, None].astype(np.int64), -1)[..., 0].sum(1)
+
+
+def test_quantized_directory_evaluates_like_the_fake_quant_forward(run):
+    env = run["env"]
+    calib = np.load(env["calib"]).astype(np.int32)
+    ids = np.random.default_rng(9).integers(0, VOCAB, (3, SEQ_LEN)).astype(np.int32)
+    source = open_source(run["out"], SEQ_LEN)
+    ascend = run["raw"].get("backend", "ascend") == "ascend"
+    assert isinstance(source, QuantizedSource) == ascend
+    got = forward_logprobs(source, ids, batch=2, progress=False)
+    want = fake_quant_logprobs(run["model_dir"], run["cfg"], calib, ids)
+    floats = forward_logprobs(FloatSource(Checkpoint(run["model_dir"]), SEQ_LEN), ids, progress=False)
+    assert got.shape == (3,) and np.isfinite(got).all()
+    # per sample: 31 next-token log-probs summed (about -141 for this near-uniform model)
+    if ascend:
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
+    else:  # the generic checkpoint stores the dequantized weights in bf16: a second rounding
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-2)
+    np.testing.assert_allclose(got, floats, rtol=0, atol=0.5)
+
+
+def test_w8a16_logits_are_close_to_float(env):
+    cfg = ROOT / "configs" / "w8a16_rtn.yaml"
+    out = env["root"] / "out-w8a16-logits"
+    run_quantize(env, "small", cfg, out)
+    ids = np.random.default_rng(4).integers(0, VOCAB, (2, SEQ_LEN)).astype(np.int32)
+
+    def logits(source):
+        h = source.embed(ids)
+        for i in range(source.spec.num_layers):
+            h = source.layer(i)(h)
+        return source.logits(h).asnumpy()
+
+    q = logits(open_source(out, SEQ_LEN))
+    f = logits(open_source(env["models"]["small"], SEQ_LEN))
+    assert np.isfinite(q).all()
+    assert np.abs(q - f).max() <= 0.02 * np.abs(f).max()
+    assert not np.array_equal(q, f)  # the weights really were quantized
+
+
+# ------------------------------------------------------------------------------------ output safety
+
+
+def strip(hashes: dict[str, str]) -> dict[str, str]:
+    """Everything but report.json and the manifest line that hashes it."""
+    return {k: v for k, v in hashes.items() if k not in ("report.json", "MANIFEST.sha256")}
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(env):
+    cfg = ROOT / "configs" / "w8a8_static.yaml"
+    out = env["root"] / "out-overwrite"
+    run_quantize(env, "small", cfg, out)
+    first = tree_hashes(out)
+    with pytest.raises(OutputError, match=r"complete output.*--overwrite"):
+        run_quantize(env, "small", cfg, out)
+    assert tree_hashes(out) == first
+    assert not (out.parent / (out.name + ".partial")).exists()
+    (out / "stale.txt").write_text("left from before")
+    run_quantize(env, "small", cfg, out, overwrite=True)
+    assert not (out / "stale.txt").exists()
+    after = tree_hashes(out)
+    assert strip(after) == strip(first)
+    assert not (out.parent / (out.name + ".partial")).exists() and not (out.parent / (out.name + ".old")).exists()
+    assert tree_hashes(env["models"]["small"]) == env["source_hashes"]["small"]
+
+
+def test_existing_incomplete_directory_is_refused(env):
+    out = env["root"] / "out-incomplete"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(OutputError, match=r"existing directory.*--overwrite"):
+        run_quantize(env, "small", ROOT / "configs" / "w8a16_rtn.yaml", out)
+    assert sorted(p.name for p in out.iterdir()) == ["something"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_never_overlaps_the_source(tmp_path, where, overwrite):
+    # a model of its own, nested, so that a failure to refuse cannot touch the other tests' files
+    model = write_random_model(tmp_path / "nest" / "model", MODEL_SHAPES["small"], seed=1)
+    before = tree_hashes(tmp_path)
+    out = {"same": model, "inside": model / "quantized", "parent": model.parent}[where]
+    with pytest.raises(OutputError, match="source"):
+        engine.quantize(model, ROOT / "configs" / "w8a16_rtn.yaml", out, progress=False, overwrite=overwrite)
+    assert tree_hashes(tmp_path) == before  # nothing written, nothing removed
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["nest", "model", *before_names(before)])
+
+
+def before_names(hashes: dict[str, str]) -> list[str]:
+    return [Path(rel).name for rel in hashes]

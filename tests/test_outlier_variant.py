@@ -1,0 +1,106 @@
+"""The outlier variant computes the same function as its source, and its linear inputs show outliers."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from dist_ptq.model.checkpoint import Checkpoint
+from dist_ptq.model.forward import configure_mindspore, decoder_layer, to_tensor
+from dist_ptq.model.layer_source import FloatSource
+from dist_ptq.model.outlier_variant import outlier_channels, write_outlier_variant
+from dist_ptq.model.synthetic import tiny_config, write_random_model
+
+SEQ = 24
+
+
+def tree_digest(d):
+    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def forward(model_dir, ids):
+    """(logits, per-layer {tap: per-channel absmax}) of the float model."""
+    ckpt = Checkpoint(model_dir)
+    src = FloatSource(ckpt, SEQ)
+    x = src.embed(ids)
+    absmax = []
+    for i in range(ckpt.spec.num_layers):
+        taps = {}
+
+        def tap(name, t, taps=taps):
+            if name in ("attn_in", "mlp_in"):
+                taps[name] = np.abs(t.asnumpy()).reshape(-1, t.shape[-1]).max(0)
+
+        w = {k: to_tensor(v) for k, v in ckpt.layer(i).items()}
+        y = decoder_layer(w, ckpt.spec, x, src.rope.cos_sin, src.rope.mask, tap=tap)
+        # the tapped layer is the same function FloatSource.layer(i) computes
+        np.testing.assert_array_equal(y.asnumpy(), src.layer(i)(x).asnumpy())
+        x = y
+        absmax.append(taps)
+    logits = src.logits(x).asnumpy()
+    ckpt.close()
+    return logits, absmax
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    configure_mindspore()
+    root = tmp_path_factory.mktemp("outlier")
+    cfg = tiny_config("llama")
+    src = write_random_model(root / "src", cfg, seed=5, dtype="BF16")
+    (src / "calib.txt").write_text("some calibration text\n", encoding="utf-8")
+    before = tree_digest(src)
+    dst = write_outlier_variant(src, root / "variant", channels=4, factor=32.0, seed=0)
+    return cfg, src, dst, before
+
+
+def test_variant_preserves_the_function(models):
+    cfg, src, dst, _ = models
+    ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], size=(2, SEQ))
+    want, _ = forward(src, ids)
+    got, _ = forward(dst, ids)
+    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    assert rel < 1e-5, rel
+
+
+def test_variant_has_activation_outliers(models):
+    cfg, src, dst, _ = models
+    ids = np.random.default_rng(2).integers(0, cfg["vocab_size"], size=(2, SEQ))
+    chans = outlier_channels(cfg["hidden_size"], 4, 0)
+    _, src_absmax = forward(src, ids)
+    _, var_absmax = forward(dst, ids)
+    others = np.setdiff1d(np.arange(cfg["hidden_size"]), chans)
+    for layer_src, layer_var in zip(src_absmax, var_absmax):
+        for tap in ("attn_in", "mlp_in"):
+            a = layer_var[tap]
+            assert (a[chans] >= 10 * np.median(a)).all(), (tap, a[chans], np.median(a))
+            # the other channels are unchanged; the source itself has no such outliers
+            np.testing.assert_array_equal(a[others], layer_src[tap][others])
+            assert (layer_src[tap] < 10 * np.median(layer_src[tap])).all()
+
+
+def test_variant_files_and_dtypes(models):
+    cfg, src, dst, before = models
+    assert tree_digest(src) == before  # source untouched
+    assert (dst / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert (dst / "calib.txt").is_file()
+    a, b = Checkpoint(src), Checkpoint(dst)
+    chans = outlier_channels(cfg["hidden_size"], 4, 0)
+    for name in a.spec.all_shapes():
+        assert b.dtype_of(name) == a.dtype_of(name) == "BF16"
+    w0, w1 = a.get("model.layers.1.input_layernorm.weight"), b.get("model.layers.1.input_layernorm.weight")
+    np.testing.assert_array_equal(w1[chans], 32.0 * w0[chans])
+    q0, q1 = a.get("model.layers.1.self_attn.q_proj.weight"), b.get("model.layers.1.self_attn.q_proj.weight")
+    np.testing.assert_array_equal(q1[:, chans] * 32.0, q0[:, chans])
+    np.testing.assert_array_equal(
+        b.get("model.layers.0.self_attn.o_proj.weight"), a.get("model.layers.0.self_attn.o_proj.weight")
+    )
+    a.close()
+    b.close()
+
+
+def test_factor_must_be_a_power_of_two(tmp_path):
+    src = write_random_model(tmp_path / "src", tiny_config("llama"), dtype="BF16")
+    with pytest.raises(ValueError, match="power of two"):
+        write_outlier_variant(src, tmp_path / "v", factor=30.0)
+    assert not (tmp_path / "v").exists()
