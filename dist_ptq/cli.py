@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(q)
     q.add_argument("--stats", type=Path, default=None, help="reuse statistics written by `dist-ptq calibrate`")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--tp", type=int, default=None, help="also write OUT/tp<N>/: the tensor-parallel ranks (SPEC §5)")
     q.set_defaults(func=_quantize)
 
     c = sub.add_parser("calibrate", help="run calibration only and save the merged statistics for --stats")
@@ -52,6 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="quantize the bundled tiny model (W8A8 SmoothQuant + KV int8) and compare perplexity")
     demo.add_argument("-o", "--out", type=Path, default=Path("out/demo-w8a8-kv8"))
     demo.set_defaults(func=_demo)
+
+    sh = sub.add_parser("shard", help="write QUANT_DIR/tp<N>/ (tensor-parallel ranks) from a unified directory")
+    sh.add_argument("quant_dir", type=Path)
+    sh.add_argument("--tp", type=int, required=True, help="number of tensor-parallel ranks")
+    sh.add_argument("--overwrite", action="store_true", help="replace an existing tp<N> directory")
+    sh.set_defaults(func=_shard)
+
+    mg = sub.add_parser("merge", help="rebuild the unified directory from a tp<N> directory")
+    mg.add_argument("tp_dir", type=Path)
+    mg.add_argument("-o", "--out", type=Path, required=True, help="output directory (written via OUT.partial)")
+    mg.add_argument("--overwrite", action="store_true")
+    mg.set_defaults(func=_merge)
+
+    vf = sub.add_parser("verify", help="integrity, format, TP round trip, emulated TP forward vs the unified one")
+    vf.add_argument("dir", type=Path, help="a unified directory or one of its tp<N> directories")
+    vf.set_defaults(func=_verify)
+
+    ins = sub.add_parser("inspect", help="per layer: schemes, bytes, compression against the source")
+    ins.add_argument("dir", type=Path, help="a unified directory or one of its tp<N> directories")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ins.set_defaults(func=_inspect)
     return ap
 
 
@@ -90,7 +112,7 @@ def _quantize(args: argparse.Namespace) -> int:
         args.model_dir, args.config, args.out, calib=args.calib, num_samples=args.num_samples,
         seq_len=args.seq_len, schedule=args.schedule, batch=args.batch, workers=args.workers,
         replicas=args.replicas, address=args.address, device=args.device, stats=args.stats,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, tp=args.tp,
     )
     print_report(report)
     print(f"wrote {args.out}")
@@ -110,6 +132,43 @@ def _demo(args: argparse.Namespace) -> int:
     from dist_ptq.demo import run_demo
 
     run_demo(args.out)
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from dist_ptq.export.tp import shard
+
+    print(f"wrote {shard(args.quant_dir, args.tp, overwrite=args.overwrite)}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from dist_ptq.export.tp import merge
+
+    print(f"wrote {merge(args.tp_dir, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from dist_ptq.eval.verify import check
+
+    report = check(args.dir)
+    for problem in report.problems:
+        print(problem)
+    if report.problems:
+        print(f"FAILED: {args.dir}: {len(report.problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"OK: {args.dir}: " + "; ".join(report.passed))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from dist_ptq.eval.inspect import format_table, inspect
+
+    info = inspect(args.dir)
+    print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_table(info))
     return 0
 
 

@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, default=None, help="continue from this model directory's weights and tokenizer")
     args = ap.parse_args()
 
     import mindspore as ms
@@ -121,7 +122,12 @@ def main() -> None:
 
     texts = stdlib_texts()
     print(f"files: train {len(texts['train'])}, valid {len(texts['valid'])}, calib {len(texts['calib'])}")
-    tok = train_tokenizer(texts["train"], CONFIG["vocab_size"])
+    if args.init is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(args.init / "tokenizer.json"))
+    else:
+        tok = train_tokenizer(texts["train"], CONFIG["vocab_size"])
     tok.save(str(args.out / "tokenizer.json"))
     (args.out / "valid.txt").write_text("\n".join(texts["valid"]), encoding="utf-8")
     (args.out / "calib.txt").write_text("\n".join(texts["calib"]), encoding="utf-8")
@@ -130,7 +136,14 @@ def main() -> None:
 
     spec = spec_from_config(CONFIG)
     names = sorted(spec.all_shapes())
-    params = [ms.Parameter(ms.Tensor(w), name=n) for n, w in sorted(init_weights(spec, rng).items())]
+    start_weights = init_weights(spec, rng)
+    if args.init is not None:
+        from dist_ptq.model.checkpoint import Checkpoint
+
+        ckpt = Checkpoint(args.init)
+        start_weights = {n: ckpt.get(n) for n in start_weights}
+        ckpt.close()
+    params = [ms.Parameter(ms.Tensor(w), name=n) for n, w in sorted(start_weights.items())]
     by_name = dict(zip(names, params))
     mask = causal_mask(args.seq_len)
     cos, sin = (ms.Tensor(a) for a in spec.rope_cos_sin(args.seq_len))

@@ -197,7 +197,9 @@ def test_deploy_tensors_match_spec(models, family, name):
     if kind != "FLOAT":
         for tap, members in GROUPS.items():
             st = stats[tap]
-            s = ref_smooth(st.absmax, [weights[p + ".weight"] for p in members], alpha) if alpha else np.ones(st.absmax.shape)
+            s = np.ones(st.absmax.shape)
+            if alpha:
+                s = ref_smooth(st.absmax, [weights[p + ".weight"] for p in members], alpha)
             if kind == "W8A8":
                 x_scale, x_offset = ref_activation(st, s)
             for p in members:
@@ -338,6 +340,27 @@ def test_shared_input_with_different_activation_settings_raises(models, base, po
         quantized(models, "llama", None, cfg)
 
 
+@pytest.mark.parametrize("model_dtype", ["BF16", "F16", "F32"])
+def test_input_scale_is_rounded_to_the_model_dtype(models, model_dtype):
+    m = models["llama"]
+    ql = quantize_layer(LAYER, m["weights"], m["stats"], CONFIGS["w8a8_smooth"], m["spec"], model_dtype)
+    t = ql.tensors
+    for p in LINEARS:
+        got = t[p + ".input_scale"]
+        assert got.dtype == np.float32 and p + ".input_scale" in ql.model_dtype
+        # x_scale · s, recovered from the unrounded parts: deq_scale / weight_scale = x_scale
+        x_scale = float(t[p + ".deq_scale"][0]) / float(t[p + ".weight_scale"][0])
+        st, members = m["stats"][TAP_OF[p]], GROUPS[TAP_OF[p]]
+        want = x_scale * ref_smooth(st.absmax, [m["weights"][q + ".weight"] for q in members], 0.5)
+        if model_dtype == "BF16":
+            assert_bf16_rounding_of(got, want)
+        elif model_dtype == "F16":
+            assert np.array_equal(got.astype(np.float16).astype(np.float32), got)
+            np.testing.assert_allclose(got, want, rtol=2**-11 * 1.01)
+        else:
+            np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
 @pytest.mark.xfail(strict=True, reason="bug: a group size that does not divide a linear's input dim escapes as a raw "
                                        "numpy reshape ValueError instead of a DistPTQError naming the linear")
 def test_group_size_not_dividing_input_dim_is_a_clear_error(models):
@@ -402,7 +425,8 @@ def test_w8a8_integer_path_is_exact(models, name, tmp_path):
         x = (rng.standard_normal((3, 5, ic)) * 2).astype(np.float32)
         x[..., 2] *= np.float32(30.0)  # drives some values into the clamp
         # numpy int64: x_q = clamp(round(x / input_scale) + input_offset), acc = x_q·Wqᵀ + quant_bias
-        xq = np.clip(half_even((x / t["input_scale"]).astype(np.float64)) + t["input_offset"].astype(np.float64), -128, 127)
+        quotient = (x / t["input_scale"]).astype(np.float64)  # float32 division, as the kernel does
+        xq = np.clip(half_even(quotient) + t["input_offset"].astype(np.float64), -128, 127)
         acc = xq.astype(np.int64) @ t["weight"].astype(np.int64).T + t["quant_bias"].astype(np.int64)
         assert np.abs(acc).max() < 2**24  # exact in float32 below
         # the reference linear with deq_scale 1 and no bias exposes its integer accumulator

@@ -301,7 +301,10 @@ def test_observer_merge_equals_observing_the_concatenation():
     np.testing.assert_allclose(merged.hessian(), 2.0 / 23 * np.concatenate(parts).astype(np.float64).T
                                @ np.concatenate(parts).astype(np.float64), rtol=1e-12, atol=1e-12)
     # layer-level merge, in list order, with taps present in only some parts
-    layer = merge_layer_stats([{"a": observe(parts[0], "a")}, {"a": observe(parts[1], "a"), "k": observe(parts[2], "k")}])
+    layer = merge_layer_stats([
+        {"a": observe(parts[0], "a")},
+        {"a": observe(parts[1], "a"), "k": observe(parts[2], "k")},
+    ])
     assert layer["a"].tokens == 22 and layer["k"].tokens == 1
     assert np.array_equal(layer["a"].max, np.concatenate(parts[:2]).max(0))
 
@@ -344,7 +347,8 @@ def test_static_kv_scales():
     assert set(t) == {"self_attn.k_scale", "self_attn.v_scale", "self_attn.k_offset", "self_attn.v_offset"}
     assert t["self_attn.k_scale"].dtype == np.float32 and t["self_attn.v_scale"].dtype == np.float32
     assert t["self_attn.k_scale"].tolist() == [1.0, 1.0, 0.5, float(f32(Fraction(1, 127)))]
-    assert t["self_attn.v_scale"].tolist() == [1.0, 2.0, float(f32(exact(np.float32(12.7)) / 127)), float(f32(Fraction(3, 127)))]
+    want_v = [1.0, 2.0, float(f32(exact(np.float32(12.7)) / 127)), float(f32(Fraction(3, 127)))]
+    assert t["self_attn.v_scale"].tolist() == want_v
     for o in ("self_attn.k_offset", "self_attn.v_offset"):
         assert t[o].dtype == np.int8 and t[o].shape == (4,) and not t[o].any()
 

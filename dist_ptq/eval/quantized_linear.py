@@ -28,6 +28,7 @@ class ReferenceLinear:
     def __init__(self, kind: str, t: dict[str, np.ndarray]):
         self.kind = kind
         self.bias = to_tensor(t["bias"]) if "bias" in t else None
+        self.smooth = to_tensor(t["smooth_scale"]) if "smooth_scale" in t else None  # x is multiplied by it first
         if kind == "W4A16":
             q = unpack_int4(t["weight"])  # (oc, ic)
             scale = np.ascontiguousarray(t["weight_scale"].T)  # (oc, ic/g)
@@ -43,11 +44,10 @@ class ReferenceLinear:
                 self.deq_scale = to_tensor(t["deq_scale"])
             else:
                 self.w_scale = to_tensor(t["weight_scale"])
-                self.smooth = to_tensor(t["smooth_scale"]) if "smooth_scale" in t else None
 
     def __call__(self, x: ms.Tensor) -> ms.Tensor:
         if self.kind in ("W8A16", "W4A16"):
-            y = ops.matmul(x, self.w.T)
+            y = ops.matmul(x * self.smooth if self.smooth is not None else x, self.w.T)
         elif self.kind == "W8A8":
             xq = ops.clamp(ops.round(x / self.input_scale) + self.input_offset, -128.0, 127.0).astype(ms.int32)
             acc = _int_matmul(xq, self.wq_t) + self.quant_bias

@@ -21,8 +21,17 @@ def fake_quant_per_token(x: ms.Tensor, axis: int = -1) -> ms.Tensor:
     return ops.clamp(ops.round(x / t), -127.0, 127.0) * t
 
 
+def layer_weights_for(ql: QuantizedLayer, float_weights: dict[str, ms.Tensor]) -> dict[str, ms.Tensor]:
+    """The layer's float tensors as the quantized checkpoint holds them: ``float_weights`` with the
+    tensors AWQ changed (norms, folded producers; rounded to the model dtype) swapped in. Pass the
+    result to ``decoder_layer`` for the quantized forward: it reads the norm weights from it."""
+    if not ql.float_overrides:
+        return float_weights
+    return {**float_weights, **{n: to_tensor(a) for n, a in ql.float_overrides.items()}}
+
+
 def fake_linear(ql: QuantizedLayer, float_weights: dict[str, ms.Tensor]) -> LinearFn:
-    plain = float_linear(float_weights)
+    plain = float_linear(layer_weights_for(ql, float_weights))
     prepared = {}
     for name, lin in ql.linears.items():
         prepared[name] = (
@@ -42,6 +51,8 @@ def fake_linear(ql: QuantizedLayer, float_weights: dict[str, ms.Tensor]) -> Line
             x = (xq - float(lin.x_offset)) * lin.x_scale
         elif lin.kind == "W8A8_DYNAMIC":
             x = fake_quant_per_token(x * smooth if smooth is not None else x)
+        elif smooth is not None:  # weight-only with an AWQ scale that could not be folded
+            x = x * smooth
         y = ops.matmul(x, w.T)
         return y + bias if bias is not None else y
 

@@ -1,7 +1,16 @@
 """Quantizing one decoder layer: (float tensors, merged statistics, PTQConfig) → deploy tensors.
 
 Pure: no Ray, no files, no progress bars. The result also carries the float view of every quantized
-linear (dequantized weight, activation parameters) that the fake-quant forward uses.
+linear (dequantized weight, activation parameters) that the fake-quant forward uses, and the float
+tensors that AWQ changed (``float_overrides``), which that forward must use instead of the source's.
+
+Order: (1) AWQ scales are searched for every input group on the source weights, then applied: each
+linear reading the input takes W·diag(s); the producer of the input divides by s — the RMSNorm weight
+(attn_in, mlp_in), up_proj's output rows (down_in), v_proj's output rows (o_in, when v's output is
+o's input: no GQA); otherwise o_proj stores ``smooth_scale`` = 1/s. Changed float tensors are rounded
+to the model dtype. (2) Per linear: clip search (``weight_clip``, and always with AWQ, over
+``AWQConfig.weight_clip_ratio``) on the calibration sample as the linear sees it (divided by s),
+then GPTQ (Hessian diag(1/s) H diag(1/s) when smoothed) or RTN with the clip ratio.
 """
 
 from __future__ import annotations
@@ -10,10 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dist_ptq.config import OutliersSuppressionType, PTQConfig, QuantGranularity, SmoothQuantConfig
+from dist_ptq.config import (AWQConfig, GPTQQuantConfig, OutliersSuppressionType, PrecisionRecovery, PTQConfig,
+                             QuantGranularity, SmoothQuantConfig)
 from dist_ptq.errors import CalibrationError, ConfigError
 from dist_ptq.model.arch import INPUT_GROUPS, LINEARS, ArchSpec
 from dist_ptq.quant import primitives as P
+from dist_ptq.quant.awq import awq_search
+from dist_ptq.quant.clip import clip_search
+from dist_ptq.quant.gptq import gptq_quantize
 from dist_ptq.quant.kvcache import static_kv_scales
 from dist_ptq.quant.observers import LayerStats
 from dist_ptq.quant.smooth import smooth_scale
@@ -32,6 +45,17 @@ def round_to_dtype(a: np.ndarray, tag: str) -> np.ndarray:
 
 
 @dataclass
+class Recovery:
+    """What the searches and the GPTQ solve settled on for one linear (numbers for the layer report)."""
+
+    awq_alpha: float | None = None  # None: no AWQ, or plain RTN (s = 1) scored best
+    clip_ratio_mean: float | None = None  # mean chosen clip ratio, None when no clip search ran
+    gptq_damp: float | None = None  # damp_percent used, None without GPTQ
+    gptq_damp_raises: int = 0
+    gptq_loss: float | None = None
+
+
+@dataclass
 class QuantLinear:
     """One quantized linear, in the float terms the fake-quant forward needs."""
 
@@ -41,7 +65,8 @@ class QuantLinear:
     input_scale: np.ndarray | None = None  # W8A8: (ic,) as stored (model dtype), smoothing folded in
     x_scale: float | None = None  # W8A8: the per-tensor activation scale
     x_offset: int | None = None
-    smooth_scale: np.ndarray | None = None  # W8A8_DYNAMIC: x is multiplied by it first
+    smooth_scale: np.ndarray | None = None  # W8A8_DYNAMIC, AWQ weight-only: x is multiplied by it first
+    recovery: Recovery = field(default_factory=Recovery)
 
 
 @dataclass
@@ -52,6 +77,9 @@ class QuantizedLayer:
     int4: set[str] = field(default_factory=set)  # packed int4 tensors (tagged Int4)
     linears: dict[str, QuantLinear] = field(default_factory=dict)
     kv: str | None = None  # C8 | C8_DYNAMIC | None
+    float_overrides: dict[str, np.ndarray] = field(default_factory=dict)  # FLOAT tensors AWQ changed, as stored
+
+
 
 
 def _need(stats: LayerStats | None, tap: str, layer: int):
@@ -60,9 +88,98 @@ def _need(stats: LayerStats | None, tap: str, layer: int):
     return stats[tap]
 
 
+def _sample(stats: LayerStats | None, tap: str, layer: int) -> np.ndarray:
+    st = _need(stats, tap, layer)
+    if st.sample is None:
+        raise CalibrationError(f"layer {layer}: no calibration input sample for '{tap}'; "
+                               "AWQ and weight_clip need calibration that keeps input samples")
+    return st.sample
+
+
 def _act_key(cfg: PTQConfig) -> tuple:
     smooth = cfg.outliers_suppression is OutliersSuppressionType.SMOOTH
     return (cfg.act_quant_granularity, smooth, cfg.algo(SmoothQuantConfig).alpha if smooth else None)
+
+
+def _awq_key(cfg: PTQConfig) -> tuple:
+    a = cfg.algo(AWQConfig)
+    return (cfg.weight_bits, cfg.group_size, a.duo_scaling, tuple(a.smooth_alpha))
+
+
+def _group_configs(index: int, prefix: str, members: tuple[str, ...], cfg: PTQConfig) -> tuple[dict, dict]:
+    """(quantized members → config, those with quantized activations), checked for a shared input."""
+    cfgs = {m: cfg.config_for(prefix + m) for m in members}
+    cfgs = {m: c for m, c in cfgs.items() if c is not None and c.weight_quant_dtype is not None}
+    act = {m: c for m, c in cfgs.items() if c.act_quant_dtype is not None}
+    if len({_act_key(c) for c in act.values()}) > 1:
+        raise ConfigError(
+            f"layer {index}: {', '.join(act)} share one input but got different activation settings; "
+            "expected the same act_quant_granularity and outliers_suppression for linears sharing an input"
+        )
+    awq = [c for c in cfgs.values() if c.outliers_suppression is OutliersSuppressionType.AWQ]
+    if awq and (len(awq) != len(cfgs) or len({_awq_key(c) for c in awq}) > 1):
+        raise ConfigError(
+            f"layer {index}: {', '.join(cfgs)} share one input but got different AWQ settings; expected "
+            "outliers_suppression AWQ with the same weight dtype, group_size and algo_args for all or none of them"
+        )
+    return cfgs, act
+
+
+# the producer of each input that AWQ's 1/s is folded into: a norm weight, or a linear's output rows
+_FOLD_INTO = {"attn_in": "input_layernorm.weight", "o_in": "self_attn.v_proj",
+              "mlp_in": "post_attention_layernorm.weight", "down_in": "mlp.up_proj"}
+
+
+def _apply_awq(index: int, w: dict[str, np.ndarray], groups: dict, stats: LayerStats | None):
+    """Search every AWQ group on the source weights, then fold the scales into ``w`` (a working copy).
+
+    Returns (group → (s, α), names of changed tensors, linear → smooth_scale for unfoldable inputs)."""
+    searched = {}
+    for group, (cfgs, _) in groups.items():
+        if cfgs and next(iter(cfgs.values())).outliers_suppression is OutliersSuppressionType.AWQ:
+            c0 = next(iter(cfgs.values()))
+            a = c0.algo(AWQConfig)
+            s, alpha, _ = awq_search(_sample(stats, group, index), [w[m + ".weight"] for m in cfgs],
+                                     c0.weight_bits, c0.group_size, a.smooth_alpha, a.duo_scaling)
+            searched[group] = (s, alpha)
+    changed, smooth = set(), {}
+    for group, (s, _) in searched.items():
+        for m in INPUT_GROUPS[group]:  # every reader of the input, quantized or not, keeps the function
+            w[m + ".weight"] = (w[m + ".weight"] * s[None, :]).astype(np.float32)
+            changed.add(m + ".weight")
+        target = _FOLD_INTO[group]
+        if target.endswith(".weight"):
+            w[target] = (w[target] / s).astype(np.float32)
+            changed.add(target)
+        elif w[target + ".weight"].shape[0] != w[INPUT_GROUPS[group][0] + ".weight"].shape[1]:
+            smooth[INPUT_GROUPS[group][0]] = (1.0 / s).astype(np.float32)  # GQA: v's rows are not o's inputs
+        else:
+            for name, div in ((target + ".weight", s[:, None]), (target + ".bias", s)):
+                if name in w:
+                    w[name] = (w[name] / div).astype(np.float32)
+                    changed.add(name)
+    return searched, changed, smooth
+
+
+def _quantize_weight(w: np.ndarray, c: PTQConfig, stats: LayerStats | None, tap: str, x_div: np.ndarray | None,
+                     layer: int, name: str) -> tuple[np.ndarray, np.ndarray, Recovery]:
+    """(scale, q, recovery) of one weight whose input is X / x_div: clip search, then GPTQ or RTN."""
+    bits, g, rec = c.weight_bits, c.group_size, Recovery()
+    ratio = 1.0
+    if c.weight_clip or c.outliers_suppression is OutliersSuppressionType.AWQ:
+        x = _sample(stats, tap, layer)
+        x = x if x_div is None else x / x_div[None, :]
+        ratio = clip_search(x, w, bits, g, c.algo(AWQConfig).weight_clip_ratio)
+        rec.clip_ratio_mean = float(ratio.mean())
+    if c.precision_recovery is PrecisionRecovery.GPTQ:
+        h = _need(stats, tap, layer).hessian()
+        h = h if x_div is None else h / np.outer(x_div.astype(np.float64), x_div.astype(np.float64))
+        a = c.algo(GPTQQuantConfig)
+        r = gptq_quantize(w, h, bits, g, a.block_size, a.damp_percent, a.desc_act, a.static_groups, ratio, name)
+        rec.gptq_damp, rec.gptq_damp_raises, rec.gptq_loss = r.damp, r.damp_raises, r.loss
+        return r.scale, r.q, rec
+    ws = P.weight_scale(w, bits, g, ratio)
+    return ws, P.quantize_weight(w, ws, bits), rec
 
 
 def quantize_layer(
@@ -77,16 +194,11 @@ def quantize_layer(
     prefix = spec.layer_prefix(index)
     out = QuantizedLayer(tensors={}, description={}, model_dtype=set())
     quantized = set()
+    groups = {g: _group_configs(index, prefix, members, cfg) for g, members in INPUT_GROUPS.items()}
+    work = dict(weights)
+    awq, changed, awq_smooth = _apply_awq(index, work, groups, stats)
 
-    for group, members in INPUT_GROUPS.items():
-        cfgs = {m: cfg.config_for(prefix + m) for m in members}
-        cfgs = {m: c for m, c in cfgs.items() if c is not None and c.weight_quant_dtype is not None}
-        act = {m: c for m, c in cfgs.items() if c.act_quant_dtype is not None}
-        if len({_act_key(c) for c in act.values()}) > 1:
-            raise ConfigError(
-                f"layer {index}: {', '.join(act)} share one input but got different activation settings; "
-                "expected the same act_quant_granularity and outliers_suppression for linears sharing an input"
-            )
+    for group, (cfgs, act) in groups.items():
         s = None
         if act:
             c0 = next(iter(act.values()))
@@ -100,16 +212,17 @@ def quantize_layer(
                 x_scale, x_offset = P.asym_params((st.min / sm).min(), (st.max / sm).max())
                 input_scale = round_to_dtype(np.float32(x_scale) * sm, model_dtype)
         for m, c in cfgs.items():
-            w = weights[m + ".weight"]
-            bits = c.weight_bits
+            w = work[m + ".weight"]
+            x_div = awq[group][0] if group in awq else None
             if m in act and s is not None:
-                w = w * s[None, :]
-            ws = P.weight_scale(w, bits, c.group_size)
-            q = P.quantize_weight(w, ws, bits)
+                w, x_div = w * s[None, :], s
+            ws, q, rec = _quantize_weight(w, c, stats, group, x_div, index, prefix + m)
+            if group in awq:
+                rec.awq_alpha = awq[group][1]
             kind = c.description_type()
-            lin = QuantLinear(kind=kind, w_dq=P.dequantize_weight(q, ws))
+            lin = QuantLinear(kind=kind, w_dq=P.dequantize_weight(q, ws), recovery=rec)
             t: dict[str, np.ndarray] = {}
-            if bits == 4:
+            if c.weight_bits == 4:
                 t[".weight"] = P.pack_int4(q)
                 t[".weight_scale"] = np.ascontiguousarray((ws if ws.ndim == 2 else ws[:, None]).T)
                 out.int4.add(m + ".weight")
@@ -126,8 +239,12 @@ def quantize_layer(
             elif kind == "W8A8_DYNAMIC" and s is not None:
                 lin.smooth_scale = (1.0 / s).astype(np.float32)
                 t[".smooth_scale"] = lin.smooth_scale
+            elif m in awq_smooth:
+                lin.smooth_scale = awq_smooth[m]
+                t[".smooth_scale"] = lin.smooth_scale
             if m + ".bias" in weights:
-                lin.bias = weights[m + ".bias"]
+                bias = work[m + ".bias"]
+                lin.bias = round_to_dtype(bias, model_dtype) if m + ".bias" in changed else bias
                 t[".bias"] = lin.bias
                 out.model_dtype.add(m + ".bias")
             for suffix, arr in t.items():
@@ -140,7 +257,10 @@ def quantize_layer(
         linear = name.rsplit(".", 1)[0]
         if linear in quantized:
             continue
-        out.tensors[name] = weights[name]
+        value = weights[name]
+        if name in changed:
+            value = out.float_overrides[name] = round_to_dtype(work[name], model_dtype)
+        out.tensors[name] = value
         out.description[name] = "FLOAT"
         out.model_dtype.add(name)
 

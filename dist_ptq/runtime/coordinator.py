@@ -21,17 +21,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ray.exceptions import RayActorError
 
 from dist_ptq import __version__
 from dist_ptq.calib.data import file_sha256, make_samples, token_ids
 from dist_ptq.config import OutliersSuppressionType, PrecisionRecovery, PTQConfig, load_yaml
 from dist_ptq.errors import CalibrationError, ConfigError
-from dist_ptq.export import unified
+from dist_ptq.export import commit, unified
+from dist_ptq.export import tp as tp_export
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.fingerprint import model_fingerprint
 from dist_ptq.quant.observers import LayerStats, merge_layer_stats
 from dist_ptq.runtime import stats_io
-from dist_ptq.runtime.plan import Stage, plan_stages, tensor_bytes
+from dist_ptq.runtime.plan import Stage, check_group_sizes, plan_stages, tensor_bytes
+from dist_ptq.runtime.layer_steps import Needs
 from dist_ptq.runtime.progress import Progress
 from dist_ptq.runtime.stage import StageWorker
 
@@ -54,6 +57,17 @@ def resolve_schedule(cfg: PTQConfig, schedule: str) -> str:
     if schedule == "pipeline" and needs_seq:
         raise ConfigError("GPTQ and AWQ calibrate on quantized inputs; use --schedule sequential or auto")
     return schedule
+
+
+SEARCH_TOKENS = 4096  # calibration tokens kept per linear input for AWQ and clip searches
+
+
+def calibration_needs(cfg: PTQConfig, num_batches: int) -> Needs:
+    every = [cfg, *cfg.layer_policies.values()]
+    hessian = any(c.precision_recovery is PrecisionRecovery.GPTQ for c in every)
+    search = any(c.outliers_suppression is OutliersSuppressionType.AWQ or c.weight_clip for c in every)
+    rows = -(-SEARCH_TOKENS // max(num_batches, 1)) if search else 0
+    return Needs(hessian=hessian, sample_rows=rows)
 
 
 def invoke(method, *args, returns: int = 1):
@@ -79,7 +93,7 @@ class Workers:
     def __init__(self, stages: list[Stage], replicas: int, make_args, address: str | None, device: str):
         self.stages, self.replicas, self.owns_ray, self.ray = stages, replicas, False, False
         if len(stages) * replicas == 1 and address is None:
-            self.grid = [[StageWorker(*make_args(stages[0], 0), device=device)]]
+            self.grid = [[StageWorker(**make_args(stages[0], 0))]]
             return
         import ray
 
@@ -94,7 +108,7 @@ class Workers:
             row = []
             for r in range(replicas):
                 opts = options[k * replicas + r]
-                row.append(actor_cls.options(max_restarts=0, **opts).remote(*make_args(st, r), device=device))
+                row.append(actor_cls.options(max_restarts=0, **opts).remote(**make_args(st, r)))
             self.grid.append(row)
 
     def placement(self) -> list[list[dict]]:
@@ -167,7 +181,8 @@ def run_pipeline(workers: Workers, batches: list[np.ndarray], progress: Progress
     return stats, rows
 
 
-def run_sequential(workers: Workers, batches: list[np.ndarray], progress: Progress):
+def run_sequential(workers: Workers, batches: list[np.ndarray], progress: Progress, done: set[int]):
+    """Layer by layer; a committed layer (``done``) is rebuilt from its shard instead of calibrated."""
     grid, R = workers.grid, workers.replicas
     for r in range(R):
         resolve(invoke(grid[0][r].embed_inputs, {b: ids for b, ids in enumerate(batches) if b % R == r}))
@@ -177,10 +192,11 @@ def run_sequential(workers: Workers, batches: list[np.ndarray], progress: Progre
             outs = [invoke(w.take_outputs) for w in grid[k - 1]]
             resolve([invoke(grid[k][r].set_inputs, outs[r]) for r in range(R)])
         for i in st.layers:
-            parts = resolve([invoke(w.observe_layer, i) for w in grid[k]])
-            per_batch = {b: {i: s} for part in parts for b, s in part.items()}
-            merged = merge_batches(per_batch, [i])[i]
-            all_stats[i] = merged
+            merged = None
+            if i not in done:
+                parts = resolve([invoke(w.observe_layer, i) for w in grid[k]])
+                per_batch = {b: {i: s} for part in parts for b, s in part.items()}
+                merged = all_stats[i] = merge_batches(per_batch, [i])[i]
             per_replica = [[row] for row in resolve([invoke(w.apply_layer, i, merged) for w in grid[k]])]
             rows.extend(combine_replicas(per_replica))
             progress.quantized(k, 1)
@@ -193,7 +209,7 @@ def combine_replicas(per_replica: list[list[dict]]) -> list[dict]:
     for j, row in enumerate(per_replica[0]):
         errors = {}
         for rep in per_replica:
-            errors.update(rep[j].get("errors", {}))
+            errors.update(rep[j].get("errors") or {})
         row = dict(row)
         row["errors"] = np.concatenate([errors[b] for b in sorted(errors)]) if errors else None
         out.append(row)
@@ -215,9 +231,20 @@ def quantize(
     device: str = "cpu",
     stats: Path | str | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
+    max_restarts: int = 2,
+    tp: int | None = None,
+    kill_after_commits: int | None = None,
 ) -> dict:
-    """Quantize ``model_dir`` with ``config`` into ``out_dir``; returns the report (also report.json)."""
+    """Quantize ``model_dir`` with ``config`` into ``out_dir``; returns the report (also report.json).
+
+    Finished layers are committed under ``OUT.partial``; ``resume`` continues an interrupted run of
+    the same recipe, and a worker that dies is replaced and the run continues from the commits
+    (at most ``max_restarts`` times). With ``tp``, the finished directory also gets ``tp<N>/`` (SPEC §5,
+    :func:`dist_ptq.export.tp.shard`); a recipe whose output cannot be split N ways is refused first.
+    ``kill_after_commits`` is fault injection for tests: on the first attempt, the last stage's writer
+    SIGKILLs its own process after committing that many layers."""
     t_start = time.time()
     cfg = config if isinstance(config, PTQConfig) else load_yaml(config)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -227,6 +254,9 @@ def quantize(
     spec, model_dtype = ckpt.spec, ckpt.dtype_of("model.embed_tokens.weight")
     ckpt.close()
     sched = resolve_schedule(cfg, schedule)
+    if tp is not None:
+        tp_export.check_config(spec, cfg, tp)
+    check_group_sizes(spec, cfg)
     stages = plan_stages(*tensor_bytes(spec, ITEMSIZE[model_dtype]), workers)
 
     fingerprint = model_fingerprint(model_dir)
@@ -241,25 +271,47 @@ def quantize(
         samples = make_samples(token_ids(calib, model_dir, spec.vocab_size), num_samples, seq_len, str(calib))
         calib_record = {"sha256": file_sha256(calib), "num_samples": int(samples.shape[0]), "seq_len": int(samples.shape[1])}
         batches = [samples[b : b + batch] for b in range(0, len(samples), batch)]
-    partial = unified.check_output_dir(out_dir, model_dir, overwrite)
-
     cfg_dict = cfg.to_dict()
+    record = {
+        "tool": "dist_ptq",
+        "version": __version__,
+        "config": cfg_dict,
+        "source": {"fingerprint": fingerprint, "model_dtype": model_dtype, "architecture": spec.family},
+        "calibration": calib_record,
+        "schedule": sched,
+    }
+    partial = unified.check_output_dir(out_dir, model_dir, overwrite, resume)
+    recipe = commit.start(partial, record, resume)
+    needs = calibration_needs(cfg, len(batches))
+    resumed: set[int] = set()
+    for attempt in range(max_restarts + 1):
+        done = commit.committed(partial, recipe)
+        resumed |= set(done)
 
-    def make_args(stage: Stage, r: int):
-        return (str(model_dir), cfg_dict, stage, str(partial), seq_len, r == 0, None)
+        def make_args(stage: Stage, r: int):
+            kill = kill_after_commits if attempt == 0 and r == 0 and stage.last else None
+            return dict(model_dir=str(model_dir), cfg=cfg_dict, stage=stage, partial=str(partial), seq_len=seq_len,
+                        writer=r == 0, needs=needs, recipe=recipe, committed={i: done[i] for i in stage.layers if i in done},
+                        device=device, kill_after_commits=kill)
 
-    pool = Workers(stages, replicas, make_args, address, device)
-    bar = Progress(stages, len(batches), sched, enabled=progress, tokens_per_batch=batch * seq_len)
-    try:
-        if sched == "sequential":
-            _, rows = run_sequential(pool, batches, bar)
-        else:
-            _, rows = run_pipeline(pool, batches if sched == "pipeline" else [], bar, stats=loaded)
-        globs = [resolve(invoke(pool.grid[k][0].write_globals)) for k in sorted({0, len(stages) - 1})]
-        placement = pool.placement()
-    finally:
-        bar.close()
-        pool.close()
+        pool = Workers(stages, replicas, make_args, address, device)
+        bar = Progress(stages, len(batches), sched, enabled=progress, tokens_per_batch=batch * seq_len)
+        try:
+            if sched == "sequential":
+                _, rows = run_sequential(pool, batches, bar, set(done))
+            else:
+                _, rows = run_pipeline(pool, batches if sched == "pipeline" else [], bar, stats=loaded)
+            globs = [resolve(invoke(pool.grid[k][0].write_globals)) for k in sorted({0, len(stages) - 1})]
+            placement = pool.placement()
+            break
+        except RayActorError as e:
+            if attempt == max_restarts:
+                raise
+            print(f"dist-ptq: a worker died ({type(e).__name__}); restarting from the committed layers", flush=True)
+        finally:
+            bar.close()
+            pool.close()
+    commit.clear(partial)
 
     weight_map, description, act_params, reports = {}, {}, {}, []
     for row in sorted(rows, key=lambda r: r["layer"]):
@@ -280,14 +332,6 @@ def quantize(
         weight_map.update(g["weight_map"])
         description.update(g["description"])
 
-    record = {
-        "tool": "dist_ptq",
-        "version": __version__,
-        "config": cfg_dict,
-        "source": {"fingerprint": fingerprint, "model_dtype": model_dtype, "architecture": spec.family},
-        "calibration": calib_record,
-        "schedule": sched,
-    }
     ascend = cfg.backend.value == "ascend"
     if not ascend:
         record["activation_params"] = act_params
@@ -297,12 +341,15 @@ def quantize(
         "workers": workers,
         "replicas": replicas,
         "schedule": sched,
+        "resumed_layers": sorted(resumed),
         "stages": [
             {"index": s.index, "layers": [s.layers[0], s.layers[-1]], "bytes": s.nbytes, "replicas": placement[s.index]}
             for s in stages
         ],
     }
     unified.finish(partial, out_dir, model_dir, weight_map, description if ascend else None, record, report)
+    if tp is not None:
+        tp_export.shard(out_dir, tp)
     return report
 
 
@@ -332,10 +379,13 @@ def calibrate(
     calib_record = {"sha256": file_sha256(calib), "num_samples": int(samples.shape[0]), "seq_len": int(samples.shape[1])}
     cfg_dict = PTQConfig().to_dict()
 
-    def make_args(stage: Stage, r: int):
-        return (str(model_dir), cfg_dict, stage, "", seq_len, False, None, hessian)
+    needs = Needs(hessian=hessian)
 
-    pool = Workers(stages, replicas, make_args, address, "cpu" if device == "cpu" else device)
+    def make_args(stage: Stage, r: int):
+        return dict(model_dir=str(model_dir), cfg=cfg_dict, stage=stage, partial="", seq_len=seq_len, writer=False,
+                    needs=needs, device=device)
+
+    pool = Workers(stages, replicas, make_args, address, device)
     bar = Progress(stages, len(batches), "calibrate", enabled=progress, tokens_per_batch=batch * seq_len)
     try:
         merged = stream_calibration(pool, batches, bar, keep=False)

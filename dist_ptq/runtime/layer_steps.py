@@ -25,14 +25,24 @@ class LayerReport:
     tokens: int
 
 
-def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer: int, hessian: bool = False):
+@dataclass(frozen=True)
+class Needs:
+    """What calibration must record beyond max/min: GPTQ Hessians, AWQ / clip input samples."""
+
+    hessian: bool = False
+    sample_rows: int = 0  # per micro-batch and tap
+
+
+def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer: int, needs: Needs = Needs()):
     """The float layer on one micro-batch: (output, statistics of every tap)."""
     stats: LayerStats = {}
 
     def tap(name: str, t: ms.Tensor) -> None:
         a = t.asnumpy()
-        a = kv_channels(a) if name in ("k", "v") else a.reshape(-1, a.shape[-1])
-        stats[name] = observe(a, f"layer {layer} {name}", hessian=hessian and name not in ("k", "v"))
+        kv = name in ("k", "v")
+        a = kv_channels(a) if kv else a.reshape(-1, a.shape[-1])
+        stats[name] = observe(a, f"layer {layer} {name}", hessian=needs.hessian and not kv,
+                              sample_rows=0 if kv else needs.sample_rows)
 
     return decoder_layer(weights, spec, x, rope.cos_sin, rope.mask, tap=tap), stats
 

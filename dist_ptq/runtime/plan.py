@@ -71,3 +71,22 @@ def plan_stages(per_layer: list[int], embed_bytes: int, head_bytes: int, workers
 
 def replica_batches(num_batches: int, replicas: int, replica: int) -> list[int]:
     return [b for b in range(num_batches) if b % replicas == replica]
+
+
+def check_group_sizes(spec: ArchSpec, cfg) -> None:
+    """Refuse, before anything is written, a group size that does not divide a quantized linear's input."""
+    from dist_ptq.model.arch import LINEARS
+
+    for i in range(spec.num_layers):
+        shapes = spec.layer_shapes(i)
+        for m in LINEARS:
+            name = spec.layer_prefix(i) + m
+            c = cfg.config_for(name)
+            if c is None or c.weight_quant_dtype is None or not c.group_size:
+                continue
+            ic = shapes[name + ".weight"][1]
+            if ic % c.group_size:
+                raise ConfigError(
+                    f"{name} has {ic} input channels, not a multiple of group_size {c.group_size}; expected a "
+                    "group_size dividing every quantized linear's input (or per_channel, or blacklist the layer)"
+                )

@@ -8,6 +8,8 @@ Under Ray it is an actor (``ray.remote(StageWorker)``); with one worker it runs 
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -15,14 +17,16 @@ import mindspore as ms
 import numpy as np
 
 from dist_ptq.config import BackendTarget, PTQConfig
-from dist_ptq.export import unified
+from dist_ptq.export import commit, unified
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.forward import configure_mindspore, decoder_layer, embed, to_tensor
 from dist_ptq.model.layer_source import Rope
-from dist_ptq.quant.fake import fake_kv, fake_linear
+from dist_ptq.quant.fake import fake_kv, fake_linear, layer_weights_for
 from dist_ptq.quant.layer import quantize_layer
+from dist_ptq.model.safetensors_io import SafetensorsFile
 from dist_ptq.quant.observers import LayerStats
-from dist_ptq.runtime.layer_steps import activation_record, batch_errors, deploy_tensors, observe_batch
+from dist_ptq.quant.rebuild import layer_aux, rebuild_layer
+from dist_ptq.runtime.layer_steps import Needs, activation_record, batch_errors, deploy_tensors, observe_batch
 from dist_ptq.runtime.plan import Stage
 
 CACHE_LIMIT_BYTES = 4 << 30
@@ -44,12 +48,17 @@ class StageWorker:
         seq_len: int,
         writer: bool = True,
         threads: int | None = None,
-        hessian: bool = False,
+        needs: Needs = Needs(),
+        recipe: str = "",
+        committed: dict[int, dict] | None = None,
         device: str = "cpu",
+        kill_after_commits: int | None = None,
     ):
         configure_mindspore(threads, device)
         self.cfg = PTQConfig.from_dict(cfg)
-        self.stage, self.partial, self.writer, self.hessian = stage, Path(partial), writer, hessian
+        self.stage, self.partial, self.writer, self.needs = stage, Path(partial), writer, needs
+        self.recipe, self.committed = recipe, dict(committed or {})
+        self.kill_after_commits = kill_after_commits  # fault injection for tests: SIGKILL after N commits
         self.ckpt = Checkpoint(model_dir)
         self.spec = self.ckpt.spec
         self.reads: list[str] = []
@@ -93,7 +102,7 @@ class StageWorker:
             self.inputs[batch] = hidden
         x, stats = ms.Tensor(hidden), {}
         for i in self.stage.layers:
-            x, stats[i] = observe_batch(self._tensors(i), self.spec, self.rope, x, i, self.hessian)
+            x, stats[i] = observe_batch(self._tensors(i), self.spec, self.rope, x, i, self.needs)
         return x.asnumpy(), stats
 
     def quantize_stage(self, merged: dict[int, LayerStats] | None, measure: bool) -> list[dict]:
@@ -103,6 +112,14 @@ class StageWorker:
         rows = []
         for i in self.stage.layers:
             t0 = time.time()
+            if i in self.committed:
+                row = self._resumed_row(i)
+                if measure:
+                    w = self._tensors(i)
+                    xs = {b: decoder_layer(w, self.spec, x, self.rope.cos_sin, self.rope.mask) for b, x in xs.items()}
+                rows.append(row)
+                self._weights.pop(i, None)
+                continue
             stats = None if merged is None else merged[i]
             row = self._quantize_and_write(i, stats)
             if measure:
@@ -127,13 +144,18 @@ class StageWorker:
         """Statistics of ``layer`` on the stored inputs (the quantized outputs of the layers before)."""
         out = {}
         for b, h in sorted(self.inputs.items()):
-            _, out[b] = observe_batch(self._tensors(layer), self.spec, self.rope, ms.Tensor(h), layer, self.hessian)
+            _, out[b] = observe_batch(self._tensors(layer), self.spec, self.rope, ms.Tensor(h), layer, self.needs)
         return out
 
-    def apply_layer(self, layer: int, merged: LayerStats) -> dict:
-        """Quantize ``layer`` with merged statistics, then move the stored inputs through its quantized form."""
+    def apply_layer(self, layer: int, merged: LayerStats | None) -> dict:
+        """Quantize ``layer`` with merged statistics (or rebuild it from its commit), then move the
+        stored inputs through its quantized form."""
         t0 = time.time()
-        row = self._quantize_and_write(layer, merged)
+        if layer in self.committed:
+            row = self._resumed_row(layer)
+            row["_ql"] = self._rebuild(layer)
+        else:
+            row = self._quantize_and_write(layer, merged)
         xs = {b: ms.Tensor(h) for b, h in sorted(self.inputs.items())}
         row["errors"], xs = self._measure(layer, row.pop("_ql"), xs, hand_on="quant")
         self.inputs = {b: x.asnumpy() for b, x in xs.items()}
@@ -148,11 +170,12 @@ class StageWorker:
     # ---- shared ------------------------------------------------------------------------------
     def _measure(self, layer: int, ql, xs: dict, hand_on: str):
         w = self._tensors(layer)
-        lin, kv = fake_linear(ql, w), fake_kv(ql, self.spec.num_kv_heads, self.spec.head_dim)
+        wq = layer_weights_for(ql, w)  # AWQ may have changed float tensors (norms)
+        lin, kv = fake_linear(ql, wq), fake_kv(ql, self.spec.num_kv_heads, self.spec.head_dim)
         errors, nxt = {}, {}
         for b, x in xs.items():
             yf = decoder_layer(w, self.spec, x, self.rope.cos_sin, self.rope.mask)
-            yq = decoder_layer(w, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=lin, kv=kv)
+            yq = decoder_layer(wq, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=lin, kv=kv)
             errors[b] = batch_errors(x, yf, yq)
             nxt[b] = yf if hand_on == "float" else yq
         return errors, nxt
@@ -161,18 +184,41 @@ class StageWorker:
         prefix = self.spec.layer_prefix(layer)
         ql = quantize_layer(layer, self._float(layer), stats, self.cfg, self.spec, self.model_dtype)
         tensors, mdt, int4, desc = deploy_tensors(ql, self.cfg.backend)
-        row = {"layer": layer, "_ql": ql, "weight_map": {}, "description": {}, "activation_params": {}}
+        row = {"layer": layer, "weight_map": {}, "description": {}, "activation_params": {}, "resumed": False}
+        if desc is not None:
+            row["description"] = {prefix + n: t for n, t in desc.items()}
+        if self.cfg.backend is BackendTarget.NONE:
+            row["activation_params"] = activation_record(ql, prefix)
         if self.writer:
             full = {prefix + n: a for n, a in tensors.items()}
             fname = shard_file(self.cfg.backend, layer + 1, self.n_shards)
             row["weight_map"] = unified.write_shard(
                 self.partial, fname, full, {prefix + n for n in mdt}, {prefix + n for n in int4}, self.model_dtype
             )
-        if desc is not None:
-            row["description"] = {prefix + n: t for n, t in desc.items()}
-        if self.cfg.backend is BackendTarget.NONE:
-            row["activation_params"] = activation_record(ql, prefix)
+            commit.commit_layer(self.partial, layer, self.recipe, fname, row, layer_aux(ql))
+            if self.kill_after_commits is not None:
+                self.kill_after_commits -= 1
+                if self.kill_after_commits <= 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        row["_ql"] = ql
         return row
+
+    def _resumed_row(self, layer: int) -> dict:
+        row = dict(self.committed[layer]["row"])
+        row.update(resumed=True, errors=None, seconds=0.0)
+        return row
+
+    def _rebuild(self, layer: int):
+        """The committed layer's fake-quant view, read back from its shard."""
+        rec = self.committed[layer]
+        prefix = self.spec.layer_prefix(layer)
+        desc = {n[len(prefix):]: t for n, t in rec["row"]["description"].items()}
+        with SafetensorsFile(self.partial / rec["shard"]) as f:
+            tensors = {
+                n[len(prefix):]: f.get_float32(n) if f.dtype(n) in ("BF16", "F16", "F32") else np.array(f.get(n))
+                for n in f.keys()
+            }
+        return rebuild_layer(tensors, desc, rec["aux"])
 
     def write_globals(self) -> dict:
         """The first stage writes the embedding, the last the final norm and lm_head, as float."""

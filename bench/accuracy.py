@@ -1,0 +1,85 @@
+"""Perplexity of every scheme on the bundled model and on its function-preserving outlier variant.
+
+    python bench/accuracy.py [--max-tokens 32768] [--out bench/results/accuracy.md]
+
+Quantizes with each recipe in configs/ (calibration: the bundled calib.txt, 64 × 256 tokens), then
+evaluates on the held-out valid.txt through the reference quantized inference. Prints a Markdown table
+and writes it (plus JSON) under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMES = [
+    "w8a16_rtn",
+    "w4a16_rtn_g128",
+    "w4a16_rtn_per_channel",
+    "w8a8_static",
+    "w8a8_smoothquant",
+    "w8a8_dynamic",
+    "w8a8_dynamic_smooth",
+    "kv_int8",
+    "kv_int8_dynamic",
+    "w8a8_smoothquant_kv_int8",
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-tokens", type=int, default=32768)
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "accuracy.md")
+    ap.add_argument("--schemes", nargs="*", default=SCHEMES)
+    args = ap.parse_args()
+
+    from dist_ptq.assets import TINY_LLAMA
+    from dist_ptq.eval.run import evaluate
+    from dist_ptq.model.outlier_variant import write_outlier_variant
+    from dist_ptq.runtime.coordinator import quantize
+
+    valid, calib = TINY_LLAMA / "valid.txt", TINY_LLAMA / "calib.txt"
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        models = {"bundled": TINY_LLAMA, "outlier variant": write_outlier_variant(TINY_LLAMA, tmp / "outlier")}
+        for label, model in models.items():
+            base, n_tok = evaluate(model, valid, max_tokens=args.max_tokens)
+            rows = {"float": {"ppl": base, "rel": 0.0, "seconds": 0.0}}
+            print(f"{label}: float perplexity {base:.3f} over {n_tok} tokens", flush=True)
+            for scheme in args.schemes:
+                out = tmp / f"{label.replace(' ', '_')}-{scheme}"
+                t0 = time.time()
+                quantize(model, ROOT / "configs" / f"{scheme}.yaml", out, calib=calib,
+                         num_samples=args.num_samples, seq_len=256, progress=False)
+                secs = time.time() - t0
+                ppl, _ = evaluate(out, valid, max_tokens=args.max_tokens)
+                rows[scheme] = {"ppl": ppl, "rel": ppl / base - 1.0, "seconds": secs}
+                print(f"  {scheme:28s} ppl {ppl:9.3f}  {100 * (ppl / base - 1):+7.2f}%  ({secs:.1f}s)", flush=True)
+            results[label] = {"tokens": n_tok, "rows": rows}
+
+    lines = [
+        f"Held-out tokens: {results['bundled']['tokens']} (valid.txt, seq-len 256); calibration {args.num_samples} × 256 tokens.",
+        "",
+        "| scheme | bundled ppl | Δ | outlier-variant ppl | Δ |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for scheme in ["float", *args.schemes]:
+        a, b = results["bundled"]["rows"][scheme], results["outlier variant"]["rows"][scheme]
+        lines.append(f"| {scheme} | {a['ppl']:.3f} | {100 * a['rel']:+.2f}% | {b['ppl']:.3f} | {100 * b['rel']:+.2f}% |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"# Accuracy (`python bench/accuracy.py`)\n\n{table}")
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
