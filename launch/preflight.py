@@ -125,13 +125,14 @@ def alive_nodes(ray, expect: int, wait_s: float) -> list[dict]:
         time.sleep(1.0)
 
 
-def run_probes(ray, nodes: list[dict], model_dir: str, out_dir: str | None, marker: str | None) -> list[dict | str]:
+def run_probes(ray, nodes: list[dict], model_dir: str, out_dir: str | None, marker: str | None) -> list:
     """One probe pinned to each node; a node that fails or does not answer gets a message instead."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=0, max_retries=0)(probe_node)
     refs = [
-        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(model_dir, out_dir, marker)
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+        .remote(model_dir, out_dir, marker)
         for n in nodes
     ]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
@@ -183,7 +184,7 @@ def table(driver: dict, nodes: list[dict], results: list[dict | str], out_dir: s
     for n, r in zip(nodes, results):
         npu = f"{n['Resources'].get('NPU', 0):g}"
         if isinstance(r, str):
-            rows.append([n["NodeManagerAddress"], "?", npu, *("?" for _ in VERSIONED), "?", *(["?"] if out_dir else [])])
+            rows.append([n["NodeManagerAddress"], "?", npu, *("?" for _ in VERSIONED), "?", *(["?"] * bool(out_dir))])
             continue
         marks = {k: r[k] + ("*" if r[k] != driver[k] else "") for k in VERSIONED}
         rows.append([n["NodeManagerAddress"], r["hostname"], npu, *(marks[k] for k in VERSIONED),
@@ -194,7 +195,8 @@ def table(driver: dict, nodes: list[dict], results: list[dict | str], out_dir: s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"), help="auto or HOST:PORT (default $RAY_ADDRESS or auto)")
+    ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"),
+                    help="auto or HOST:PORT (default $RAY_ADDRESS or auto)")
     ap.add_argument("--model-dir", required=True, help="the model directory, as every node sees it")
     ap.add_argument("--out-dir", default=None, help="the output directory: its parent must be shared by all nodes")
     ap.add_argument("--expect-nodes", type=int, default=1, help="wait for at least this many alive nodes")
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
     except Exception as e:
-        print(f"preflight: error: cannot join the Ray cluster at {args.address}: {str(e).splitlines()[0]}", file=sys.stderr)
+        first = str(e).splitlines()[0]
+        print(f"preflight: error: cannot join the Ray cluster at {args.address}: {first}", file=sys.stderr)
         print("preflight: check the address and that its port is open; a cluster with token authentication (the "
               "launch scripts' default) also needs RAY_AUTH_MODE=token here and the head's token in RAY_AUTH_TOKEN, "
               f"RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE', 'unset')})",
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             (parent / marker).write_bytes(b"")
         except OSError as e:
-            print(f"preflight: error: cannot write beside the output directory in {parent}: {e.strerror}", file=sys.stderr)
+            print(f"preflight: error: cannot write beside the output directory in {parent}: {e.strerror}",
+                  file=sys.stderr)
             ray.shutdown()
             return 1
     try:

@@ -36,7 +36,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --address) address=${2:?--address needs a value}; shift ;;
         --address=*) address=${1#--address=} ;;
-        -o|--out) out_dir=${2:-}; args+=("$1" "${2:-}"); shift ;;
+        -o|--out) out_dir=${2:?$1 needs a directory}; args+=("$1" "$2"); shift ;;
         --out=*) out_dir=${1#--out=}; args+=("$1") ;;
         *) args+=("$1") ;;
     esac

@@ -307,15 +307,21 @@ def test_quantize_layer_end_to_end(layers, family, name, tmp_path):
     y_ref = decoder_layer(floats, spec, ms.Tensor(x), m["rope"].cos_sin, m["rope"].mask,
                           linear=lambda n, h: refs[n](h) if n in refs else float_linear(floats)(n, h)).asnumpy()
     np.testing.assert_allclose(y_ref, yq, rtol=0, atol=1e-4 * np.abs(yq).max())
-    assert rel < (0.05 if name.startswith("w8") else 0.35), rel
+    assert rel < (0.05 if name.startswith("w8") else 0.25), rel  # RTN int4: 0.15-0.18
 
 
 def test_recovery_methods_beat_rtn_on_the_calibration_inputs(layers):
     m = layers["qwen2"]
-    err = {n: quantized_layer_error(m, quantize_layer(LAYER, m["weights"], m["stats"], E2E[n], m["spec"]), m["xs"][0])[0]
-           for n in ("rtn_g64", "awq_g64", "clip_g64", "gptq_g64")}
+    err = {}
+    for n in ("rtn_g64", "awq_g64", "clip_g64", "gptq_g64"):
+        ql = quantize_layer(LAYER, m["weights"], m["stats"], E2E[n], m["spec"])
+        err[n] = quantized_layer_error(m, ql, m["xs"][0])[0]
     for n in ("awq_g64", "clip_g64", "gptq_g64"):
         assert err[n] < err["rtn_g64"], err
+    smooth = PTQConfig(act_quant_dtype=I8, outliers_suppression=OutliersSuppressionType.SMOOTH)
+    sq = quantized_layer_error(m, quantize_layer(LAYER, m["weights"], m["stats"], smooth, m["spec"]), m["xs"][0])[0]
+    ql = quantize_layer(LAYER, m["weights"], m["stats"], E2E["w8a8_smooth_gptq"], m["spec"])
+    assert quantized_layer_error(m, ql, m["xs"][0])[0] < sq
 
 
 def test_awq_without_samples_is_a_calibration_error(layers):
@@ -340,4 +346,4 @@ def test_awq_folds_into_a_blacklisted_reader_as_a_float_override(layers):
     assert ql.description["self_attn.k_proj.weight"] == "FLOAT"
     assert "self_attn.k_proj.weight" in ql.float_overrides
     rel, _, _ = quantized_layer_error(m, ql, m["xs"][1])
-    assert rel < 0.35
+    assert rel < 0.25

@@ -12,7 +12,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from dist_ptq.model.forward import to_tensor
+from dist_ptq.model.forward import matmul_t, to_tensor
 from dist_ptq.quant.primitives import dequantize_weight, unpack_int4
 
 
@@ -47,7 +47,7 @@ class ReferenceLinear:
 
     def __call__(self, x: ms.Tensor) -> ms.Tensor:
         if self.kind in ("W8A16", "W4A16"):
-            y = ops.matmul(x * self.smooth if self.smooth is not None else x, self.w.T)
+            y = matmul_t(x * self.smooth if self.smooth is not None else x, self.w)
         elif self.kind == "W8A8":
             xq = ops.clamp(ops.round(x / self.input_scale) + self.input_offset, -128.0, 127.0).astype(ms.int32)
             acc = _int_matmul(xq, self.wq_t) + self.quant_bias

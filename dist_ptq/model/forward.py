@@ -59,11 +59,19 @@ def rotate_half(x: Tensor) -> Tensor:
     return ops.concat((-x[..., half:], x[..., :half]), -1)
 
 
+def matmul_t(x: Tensor, w: Tensor) -> Tensor:
+    """x (..., ic) @ wᵀ for w (oc, ic), as one 2-D matmul (MindSpore's batched CPU matmul with a
+    transposed operand is about 3× slower than the 2-D one)."""
+    lead = x.shape[:-1]
+    y = ops.matmul(x.reshape(-1, x.shape[-1]), w.T)
+    return y.reshape(*lead, w.shape[0])
+
+
 def float_linear(weights: dict[str, Tensor]) -> LinearFn:
     """The unquantized linear: y = x Wᵀ + b."""
 
     def linear(name: str, x: Tensor) -> Tensor:
-        y = ops.matmul(x, weights[name + ".weight"].T)
+        y = matmul_t(x, weights[name + ".weight"])
         bias = weights.get(name + ".bias")
         return y + bias if bias is not None else y
 
@@ -132,4 +140,4 @@ def embed(embed_weight: Tensor, ids: np.ndarray) -> Tensor:
 
 
 def final_logits(norm_weight: Tensor, head_weight: Tensor, x: Tensor, eps: float) -> Tensor:
-    return ops.matmul(rms_norm(x, norm_weight, eps), head_weight.T)
+    return matmul_t(rms_norm(x, norm_weight, eps), head_weight)

@@ -10,7 +10,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from dist_ptq.model.forward import KVFn, LinearFn, float_linear, to_tensor
+from dist_ptq.model.forward import KVFn, LinearFn, float_linear, matmul_t, to_tensor
 from dist_ptq.quant.layer import QuantizedLayer
 
 
@@ -53,7 +53,7 @@ def fake_linear(ql: QuantizedLayer, float_weights: dict[str, ms.Tensor]) -> Line
             x = fake_quant_per_token(x * smooth if smooth is not None else x)
         elif smooth is not None:  # weight-only with an AWQ scale that could not be folded
             x = x * smooth
-        y = ops.matmul(x, w.T)
+        y = matmul_t(x, w)
         return y + bias if bias is not None else y
 
     return linear

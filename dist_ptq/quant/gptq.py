@@ -8,7 +8,7 @@ Scales are symmetric as in ``primitives`` (absmax·clip/qmax, zero → 1).
 
 Decisions:
 
-* Where the math runs: Cholesky, ``cholesky_inverse`` and the block update
+* Where the math runs: Cholesky, H⁻¹ from the factor and the block update
   ``W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`` are MindSpore float32 ops. The per-column loop inside a
   block is numpy: on MindSpore 2.10 CPU a rank-1 update of a 4096×128 block costs 2.4 ms as PyNative
   ops against 0.33 ms in numpy (per-op overhead), and numpy rounds half to even like ``primitives``.
@@ -24,9 +24,10 @@ Decisions:
   (that column is, at float32 precision, a combination of the earlier ones: H is singular there and
   H⁻¹ would be rounding noise), ``percdamp`` is multiplied by 10, with a warning, up to 6 times; then
   :class:`CalibrationError`. The result records the damp used and the raise count. With the default
-  1% damp every pivot² is ≥ 1% of mean(diag H), so healthy Hessians are never flagged. MindSpore's
-  ``cholesky_inverse`` returns a slightly asymmetric H⁻¹ (5e-5 relative at 0.1% damp, measured) that
-  its ``cholesky`` rejects, so H⁻¹ is symmetrized before the second factorization.
+  1% damp every pivot² is ≥ 1% of mean(diag H), so healthy Hessians are never flagged.
+* H⁻¹ is ``cholesky_solve(I, L)``, not ``cholesky_inverse(L)``: same result, 10× faster on MindSpore
+  2.10 CPU (1024²: 0.10 s against 0.97 s). Either returns a slightly asymmetric H⁻¹ (5e-5 relative at
+  0.1% damp) that ``cholesky`` rejects, so it is symmetrized before the second factorization.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def _hinv(H: np.ndarray, percdamp: float, name: str) -> tuple[np.ndarray, float,
         Hd = H + np.eye(ic) * (percdamp * mean)
         try:
             L = ops.cholesky(ms.Tensor(Hd.astype(np.float32)))
-            Hinv = ops.cholesky_inverse(L)
-            Hinv = ops.cholesky((Hinv + Hinv.T) / 2, upper=True).asnumpy()  # see the module docstring
+            Hinv = ops.cholesky_solve(ops.eye(ic, ic, ms.float32), L)  # H⁻¹; see the module docstring
+            Hinv = ops.cholesky((Hinv + Hinv.T) / 2, upper=True).asnumpy()
             pivots = np.diag(L.asnumpy()).astype(np.float64)
             ok = np.isfinite(pivots).all() and (pivots**2 / np.diag(Hd)).min() > noise and np.isfinite(Hinv).all()
         except (RuntimeError, ValueError):
@@ -70,7 +71,8 @@ def _hinv(H: np.ndarray, percdamp: float, name: str) -> tuple[np.ndarray, float,
         if ok:
             return Hinv, percdamp, raises
         if raises < MAX_DAMP_RAISES:
-            warnings.warn(f"GPTQ{name}: Hessian not positive definite with damp {percdamp:g}; raised to {percdamp * 10:g}")
+            warnings.warn(f"GPTQ{name}: Hessian not positive definite with damp {percdamp:g}; "
+                          f"raised to {percdamp * 10:g}")
             percdamp *= 10
     raise CalibrationError(f"GPTQ{name}: Hessian not positive definite even with damp {percdamp:g}; "
                            "expected calibration inputs that span the input channels (more or longer samples)")
@@ -82,7 +84,8 @@ def gptq_quantize(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, bloc
     """Quantize W (oc, ic) given H (ic, ic); ``clip_ratio`` scalar, (oc,) or (oc, ic/g) scales absmax."""
     g, ctx = group_size, f" {name}" if name else ""
     if desc_act and g and not static_groups:
-        raise ConfigError(f"GPTQ{ctx}: desc_act with groups needs static_groups=true so no permutation index must be stored")
+        raise ConfigError(f"GPTQ{ctx}: desc_act with groups needs static_groups=true "
+                          "so no permutation index must be stored")
     W, H = np.array(W, np.float32), np.array(H, np.float64)
     oc, ic = W.shape
     ratio = np.asarray(clip_ratio, np.float32)

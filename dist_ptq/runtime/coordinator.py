@@ -25,7 +25,7 @@ from ray.exceptions import RayActorError
 
 from dist_ptq import __version__
 from dist_ptq.calib.data import file_sha256, make_samples, token_ids
-from dist_ptq.config import OutliersSuppressionType, PrecisionRecovery, PTQConfig, load_yaml
+from dist_ptq.config import OutliersSuppressionType, PrecisionRecovery, PTQConfig, PTQMode, load_yaml
 from dist_ptq.errors import CalibrationError, ConfigError
 from dist_ptq.export import commit, unified
 from dist_ptq.export import tp as tp_export
@@ -117,7 +117,9 @@ class Workers:
         for row in self.grid:
             nodes = resolve([invoke(w.node_id) for w in row])
             reads = resolve([invoke(w.read_names) for w in row])
-            out.append([{"node": n, "tensors_read": sorted(set(r))} for n, r in zip(nodes, reads)])
+            rss = resolve([invoke(w.peak_rss_mb) for w in row])
+            out.append([{"node": n, "tensors_read": sorted(set(r)), "peak_rss_mb": round(m, 1)}
+                        for n, r, m in zip(nodes, reads, rss)])
         return out
 
     def close(self) -> None:
@@ -247,7 +249,10 @@ def quantize(
     SIGKILLs its own process after committing that many layers."""
     t_start = time.time()
     cfg = config if isinstance(config, PTQConfig) else load_yaml(config)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if cfg.mode is PTQMode.DEPLOY:
+        raise ConfigError("mode 'deploy' loads a quantized directory (dist_ptq.load_quantized, `dist-ptq eval OUT`); "
+                          "expected mode 'quantize' to quantize")
+    model_dir, out_dir = Path(model_dir).absolute(), Path(out_dir).absolute()  # actors on other nodes resolve paths themselves
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     ckpt = Checkpoint(model_dir)
@@ -265,6 +270,8 @@ def quantize(
         if sched != "pipeline":
             raise ConfigError("--stats serves configs of the pipeline schedule; GPTQ/AWQ calibrate on quantized inputs")
         loaded, calib_record = stats_io.load(stats, fingerprint, spec.num_layers)
+        if calib is not None and file_sha256(calib) != calib_record["sha256"]:
+            raise CalibrationError(f"{stats}: statistics were taken on another data set than {calib}; drop --calib or recalibrate")
     elif sched != "data-free":
         if calib is None:
             raise CalibrationError("this config quantizes activations or the KV cache; pass calibration data with --calib FILE")
@@ -369,7 +376,7 @@ def calibrate(
     progress: bool = True,
 ) -> Path:
     """Run the pipeline's calibration pass only and save the merged statistics (``quantize --stats``)."""
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir).absolute()
     ckpt = Checkpoint(model_dir)
     spec, model_dtype = ckpt.spec, ckpt.dtype_of("model.embed_tokens.weight")
     ckpt.close()

@@ -36,7 +36,8 @@ def connect(address: str | None, num_actors: int) -> bool:
             )
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
-        raise ClusterError(f"could not start or join {where}: {str(e).splitlines()[0]}") from None
+        hint = "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (docs/cluster.md)" if address else ""
+        raise ClusterError(f"could not start or join {where}: {str(e).splitlines()[0]}{hint}") from None
     return True
 
 

@@ -74,6 +74,12 @@ class StageWorker:
     def read_names(self) -> list[str]:
         return list(self.reads)
 
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of this worker's process (MiB)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
     def node_id(self) -> str | None:
         """The Ray node this worker runs on (None in the driver)."""
         import ray
