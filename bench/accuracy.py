@@ -67,12 +67,24 @@ def main() -> int:
     lines = [
         f"Held-out tokens: {results['bundled']['tokens']} (valid.txt, seq-len 256); calibration {args.num_samples} × 256 tokens.",
         "",
-        "| scheme | bundled ppl | Δ | outlier-variant ppl | Δ |",
-        "|---|---:|---:|---:|---:|",
+        "| scheme | bundled ppl | Δ | gap to RTN recovered | time (s) | outlier-variant ppl | Δ | gap to RTN recovered | time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def recovered(label: str, scheme: str) -> str:
+        rows = results[label]["rows"]
+        rtn = rows.get("w4a16_rtn_g128") if scheme.startswith("w4a16") else rows.get("w8a8_smoothquant")
+        if rtn is None or scheme in ("float", "w4a16_rtn_g128", "w8a8_smoothquant") or not scheme.startswith(("w4a16", "w8a8_smoothquant_")):
+            return ""
+        gap = rtn["ppl"] - rows["float"]["ppl"]
+        return f"{100 * (rtn['ppl'] - rows[scheme]['ppl']) / gap:.0f}%" if abs(gap) > 1e-9 else "n/a"
+
     for scheme in ["float", *args.schemes]:
-        a, b = results["bundled"]["rows"][scheme], results["outlier variant"]["rows"][scheme]
-        lines.append(f"| {scheme} | {a['ppl']:.3f} | {100 * a['rel']:+.2f}% | {b['ppl']:.3f} | {100 * b['rel']:+.2f}% |")
+        cells = []
+        for label in ("bundled", "outlier variant"):
+            r = results[label]["rows"][scheme]
+            cells += [f"{r['ppl']:.3f}", f"{100 * r['rel']:+.2f}%", recovered(label, scheme), f"{r['seconds']:.1f}"]
+        lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

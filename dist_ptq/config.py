@@ -333,6 +333,11 @@ class PTQConfig:
         _boolean("", "weight_clip", self.weight_clip)
         self._check_consistency(group_size)
         algo_args = self._checked_algo_args()
+        if self.precision_recovery is PrecisionRecovery.GPTQ and group_size:
+            g = self.algo(GPTQQuantConfig)
+            if g.desc_act and not g.static_groups:
+                raise ValueError("field 'algo_args': desc_act with groups needs static_groups=true, so that no "
+                                 "permutation index must be stored with the checkpoint")
         policies = self._checked_policies()
         # private copies, so that mutating the caller's list or dict cannot bypass validation
         object.__setattr__(self, "opname_blacklist", list(self.opname_blacklist))

@@ -361,8 +361,6 @@ def test_input_scale_is_rounded_to_the_model_dtype(models, model_dtype):
             np.testing.assert_allclose(got, want, rtol=2e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a group size that does not divide a linear's input dim escapes as a raw "
-                                       "numpy reshape ValueError instead of a DistPTQError naming the linear")
 def test_group_size_not_dividing_input_dim_is_a_clear_error(models):
     cfg = PTQConfig(weight_quant_dtype=I4, weight_quant_granularity=PER_GROUP, group_size=128)  # hidden is 64
     with pytest.raises(DistPTQError, match=r"q_proj.*128"):

@@ -9,7 +9,8 @@ rows of |W| normalized by each row-group's max (per channel: by each row's max):
 and for each α of the grid the loss Σ_linears ‖X Wᵀ − X (Q(W·diag s) / s)ᵀ‖², Q the RTN
 quantize-dequantize of ``primitives``. The α with the least loss wins; the identity s = 1 (plain RTN)
 is scored too and wins if it beats every grid point (with duo scaling α = 0 is not the identity), so on
-the sample AWQ is never worse than RTN. Products are MindSpore float32 matmuls, losses summed in float64.
+the sample AWQ is never worse than RTN. Products X·Eᵀ are MindSpore float32 matmuls (they run where
+the model runs); per-column sums of squares come back and are totalled in float64.
 Applying s: the linears take W·diag(s), the producer of X divides by s (folded, or stored as a
 ``smooth_scale``); see ``quant/layer.py``.
 """

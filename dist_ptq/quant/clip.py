@@ -3,8 +3,8 @@ linear's output error on calibration inputs, with scale = absmax·r / qmax (Lin 
 
 For each candidate r the loss of row o is ‖X W_oᵀ − X Q_r(W)_oᵀ‖² over the sample rows of X; per
 group it is the group's own contribution ‖X_g (W_o,g − Q_r(W)_o,g)ᵀ‖², as llm-awq's ``auto_clip``
-computes it. Products are MindSpore float32 matmuls (they run where the model runs); the losses are
-summed in float64. Ties go to the earlier ratio in the grid (the default grid starts at 1.0: no clip).
+computes it. Products are MindSpore float32 matmuls (they run where the model runs); the per-row
+losses come back as float64. Ties go to the earlier ratio in the grid (the default grid starts at 1.0: no clip).
 """
 
 from __future__ import annotations

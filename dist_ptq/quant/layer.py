@@ -60,13 +60,20 @@ class QuantLinear:
     """One quantized linear, in the float terms the fake-quant forward needs."""
 
     kind: str  # W8A16 | W4A16 | W8A8 | W8A8_DYNAMIC
-    w_dq: np.ndarray  # (oc, ic) dequantized weight, applied to the (smoothed) input
+    q: np.ndarray  # (oc, ic) int8 values (int4 ones too, unpacked)
+    scale: np.ndarray  # (oc,) per channel or (oc, ic/g) per group
     bias: np.ndarray | None = None
     input_scale: np.ndarray | None = None  # W8A8: (ic,) as stored (model dtype), smoothing folded in
     x_scale: float | None = None  # W8A8: the per-tensor activation scale
     x_offset: int | None = None
     smooth_scale: np.ndarray | None = None  # W8A8_DYNAMIC, AWQ weight-only: x is multiplied by it first
     recovery: Recovery = field(default_factory=Recovery)
+
+    @property
+    def w_dq(self) -> np.ndarray:
+        """(oc, ic) dequantized weight, applied to the (smoothed) input; computed on demand so a
+        data-free run never holds a float copy of every weight."""
+        return P.dequantize_weight(self.q, self.scale)
 
 
 @dataclass
@@ -195,6 +202,14 @@ def quantize_layer(
     out = QuantizedLayer(tensors={}, description={}, model_dtype=set())
     quantized = set()
     groups = {g: _group_configs(index, prefix, members, cfg) for g, members in INPUT_GROUPS.items()}
+    for cfgs, _ in groups.values():
+        for m, c in cfgs.items():
+            ic = weights[m + ".weight"].shape[1]
+            if c.group_size and ic % c.group_size:
+                raise ConfigError(
+                    f"{prefix + m} has {ic} input channels, not a multiple of group_size {c.group_size}; expected a "
+                    "group_size dividing every quantized linear's input (or per_channel, or blacklist the layer)"
+                )
     work = dict(weights)
     awq, changed, awq_smooth = _apply_awq(index, work, groups, stats)
 
@@ -220,7 +235,7 @@ def quantize_layer(
             if group in awq:
                 rec.awq_alpha = awq[group][1]
             kind = c.description_type()
-            lin = QuantLinear(kind=kind, w_dq=P.dequantize_weight(q, ws), recovery=rec)
+            lin = QuantLinear(kind=kind, q=q, scale=ws, recovery=rec)
             t: dict[str, np.ndarray] = {}
             if c.weight_bits == 4:
                 t[".weight"] = P.pack_int4(q)

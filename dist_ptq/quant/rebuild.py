@@ -18,6 +18,8 @@ from dist_ptq.quant.layer import QuantizedLayer, QuantLinear
 def rebuild_layer(tensors: dict[str, np.ndarray], description: dict[str, str], aux: dict) -> QuantizedLayer:
     """``tensors``: layer-local names, float tensors decoded to float32, the rest as stored."""
     ql = QuantizedLayer(tensors=dict(tensors), description=dict(description), model_dtype=set(), kv=aux.get("kv"))
+    # every stored FLOAT tensor: equal to the source's except where AWQ folded a scale into it
+    ql.float_overrides = {n: a for n, a in tensors.items() if description.get(n) == "FLOAT"}
     for m in LINEARS:
         kind = description.get(m + ".weight", "FLOAT")
         if kind == "FLOAT":
@@ -28,7 +30,7 @@ def rebuild_layer(tensors: dict[str, np.ndarray], description: dict[str, str], a
             ws = ws[:, 0] if ws.shape[1] == 1 else ws
         else:
             q, ws = tensors[m + ".weight"], tensors[m + ".weight_scale"]
-        lin = QuantLinear(kind=kind, w_dq=P.dequantize_weight(q, ws), bias=tensors.get(m + ".bias"),
+        lin = QuantLinear(kind=kind, q=q, scale=ws, bias=tensors.get(m + ".bias"),
                           smooth_scale=tensors.get(m + ".smooth_scale"))
         if kind == "W8A8":
             lin.input_scale = tensors[m + ".input_scale"]
