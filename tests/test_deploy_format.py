@@ -36,7 +36,7 @@ from dist_ptq.model.synthetic import tiny_config, write_random_model
 from dist_ptq.quant.fake import fake_kv, fake_linear
 from dist_ptq.quant.layer import quantize_layer
 from dist_ptq.quant.observers import kv_channels, merge_layer_stats, observe
-from dist_ptq.runtime import engine
+from dist_ptq.runtime import coordinator as engine
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "dist_ptq" / "assets" / "tiny-llama" / "tokenizer.json"
@@ -363,7 +363,8 @@ def test_record_is_complete_and_deterministic(run):
         assert record["schedule"] == "data-free"
         assert record["calibration"] is None  # the data were not used, so they are not recorded
     else:
-        assert record["schedule"] == "pipeline"
+        assert record["schedule"] == engine.resolve_schedule(load_yaml(run["cfg"]), "auto")
+        assert record["schedule"] == ("sequential" if re.search(r"gptq|awq", run["cfg"].name) else "pipeline")
         assert record["calibration"] == {"sha256": sha256(env["calib"]), "num_samples": N_SAMPLES, "seq_len": SEQ_LEN}
 
     def keys(obj, path=""):
@@ -463,9 +464,10 @@ def test_quantized_directory_evaluates_like_the_fake_quant_forward(run):
     float_lp, float_logits = float_reference(env, run["model"])
     assert got.shape == (2,) and np.isfinite(got).all()
     four_bit = "int4" in run["cfg"].read_text()
-    if engine.resolve_schedule(load_yaml(run["cfg"]), "auto") == "sequential":
-        # GPTQ / AWQ calibrate on quantized inputs with Hessians or input samples, which the hand-built
-        # pipeline below does not rebuild: the deployed model is compared with float only
+    cfg = load_yaml(run["cfg"])
+    if engine.resolve_schedule(cfg, "auto") == "sequential" or cfg.weight_clip:
+        # GPTQ / AWQ / clip search calibrate with Hessians or input samples (GPTQ/AWQ on quantized
+        # inputs), which the hand-built pipeline below does not rebuild: compared with float only
         q_logits = logits_of(source, EVAL_IDS)
         rel = np.abs(q_logits - float_logits).max() / np.abs(float_logits).max()
         assert np.isfinite(q_logits).all() and 0 < rel < (0.4 if four_bit else 0.03), rel
