@@ -22,7 +22,10 @@ DEMO_CONFIG = PTQConfig(
 
 def run_demo(out: Path, max_tokens: int = 16384) -> tuple[float, float]:
     print(f"quantizing {TINY_LLAMA} with W8A8 SmoothQuant + KV int8 into {out}")
-    quantize(TINY_LLAMA, DEMO_CONFIG, out, calib=TINY_LLAMA / "calib.txt", num_samples=32, seq_len=256, overwrite=True)
+    from dist_ptq.cli import print_report
+
+    report = quantize(TINY_LLAMA, DEMO_CONFIG, out, calib=TINY_LLAMA / "calib.txt", num_samples=32, seq_len=256, overwrite=True)
+    print_report(report)
     valid = TINY_LLAMA / "valid.txt"
     ppl_f, n = evaluate(TINY_LLAMA, valid, max_tokens=max_tokens)
     ppl_q, _ = evaluate(out, valid, max_tokens=max_tokens)

@@ -121,7 +121,7 @@ setup_auth() {
 # Ports as operators open them. Ray's defaults where it has fixed ones; fixed values where Ray would
 # otherwise pick a random port, so that a firewall can be written once.
 RAY_PORT="${RAY_PORT:-6379}"                                       # GCS (head only)
-RAY_CLIENT_SERVER_PORT="${RAY_CLIENT_SERVER_PORT:-10001}"          # Ray client server (head only)
+RAY_CLIENT_SERVER_PORT="${RAY_CLIENT_SERVER_PORT:-10001}"          # Ray client server (head only, when ray[client] is installed)
 RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"                   # dashboard, when enabled (head only)
 RAY_NODE_MANAGER_PORT="${RAY_NODE_MANAGER_PORT:-6380}"             # raylet
 RAY_OBJECT_MANAGER_PORT="${RAY_OBJECT_MANAGER_PORT:-6381}"         # object transfers between nodes

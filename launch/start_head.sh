@@ -54,9 +54,13 @@ mapfile -t opts < <(node_options "$npus")
 opts+=(
     --head
     --port "$RAY_PORT"
-    --ray-client-server-port "$RAY_CLIENT_SERVER_PORT"
     --include-dashboard="${RAY_INCLUDE_DASHBOARD:-false}"
 )
+# The Ray client server (ray:// addresses) needs the ray[client] extra; dist_ptq does not use it, so it
+# is started only when that extra is installed.
+if "$(dirname "$(command -v ray)")/python" -c "import grpc" >/dev/null 2>&1; then
+    opts+=(--ray-client-server-port "$RAY_CLIENT_SERVER_PORT")
+fi
 if [[ "${RAY_INCLUDE_DASHBOARD:-false}" == true ]]; then
     opts+=(--dashboard-port "$RAY_DASHBOARD_PORT" --dashboard-host "${RAY_DASHBOARD_HOST:-127.0.0.1}")
 fi
