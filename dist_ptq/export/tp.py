@@ -37,7 +37,6 @@ renamed at the end; then the top-level ``MANIFEST.sha256`` is rewritten to cover
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -466,15 +465,7 @@ def shard(quant_dir: Path | str, tp: int, overwrite: bool = False) -> Path:
 
 
 def _replace(partial: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(partial, out)
+    unified.replace_dir(partial, out)
 
 
 # ------------------------------------------------------------------------------------------ merge

@@ -129,6 +129,11 @@ def finish(
     write_json_atomic(partial / RECORD, record)
     write_json_atomic(partial / REPORT, report)
     write_manifest(partial)
+    replace_dir(partial, out)
+
+
+def replace_dir(partial: Path, out: Path) -> None:
+    """Put a finished ``partial`` at ``out``, replacing what was there, never leaving ``out`` half-written."""
     if out.exists():
         old = out.with_name(out.name + ".old")
         if old.exists():

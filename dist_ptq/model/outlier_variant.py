@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_ptq.export import unified
 from dist_ptq.model.arch import load_spec
 from dist_ptq.model.safetensors_io import (
     SINGLE_NAME,
@@ -30,18 +31,7 @@ from dist_ptq.model.safetensors_io import (
 )
 
 # Files copied unchanged when present: config, tokenizer, and the fixture's calibration/validation text.
-COPIED = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "calib.txt",
-    "valid.txt",
-)
+COPIED = (*unified.COPIED, "calib.txt", "valid.txt")
 
 # norm -> the linears that read its output
 SCALED = {
