@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(q)
     q.add_argument("--stats", type=Path, default=None, help="reuse statistics written by `dist-ptq calibrate`")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run of the same recipe from OUT.partial")
     q.add_argument("--tp", type=int, default=None, help="also write OUT/tp<N>/: the tensor-parallel ranks (SPEC §5)")
     q.set_defaults(func=_quantize)
 
@@ -112,7 +113,7 @@ def _quantize(args: argparse.Namespace) -> int:
         args.model_dir, args.config, args.out, calib=args.calib, num_samples=args.num_samples,
         seq_len=args.seq_len, schedule=args.schedule, batch=args.batch, workers=args.workers,
         replicas=args.replicas, address=args.address, device=args.device, stats=args.stats,
-        overwrite=args.overwrite, tp=args.tp,
+        overwrite=args.overwrite, resume=args.resume, tp=args.tp,
     )
     print_report(report)
     print(f"wrote {args.out}")

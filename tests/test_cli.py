@@ -1,0 +1,51 @@
+"""The command line wired end to end: every subcommand a user runs, through dist_ptq.cli.main."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_ptq.cli import main
+from dist_ptq.export.unified import MANIFEST
+from dist_ptq.model.synthetic import tiny_config, write_random_model
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    m = write_random_model(d / "model", tiny_config("llama"), seed=4)
+    np.save(d / "calib.npy", np.random.default_rng(0).integers(0, 96, size=(4, 32)))
+    return d, m
+
+
+def test_quantize_resume_eval_verify_inspect(model, capsys):
+    d, m = model
+    out = d / "out"
+    args = ["quantize", str(m), "-c", str(CONFIGS / "w8a8_smoothquant_kv_int8.yaml"), "-o", str(out),
+            "--calib", str(d / "calib.npy"), "--num-samples", "4", "--seq-len", "32", "--batch", "2"]
+    assert main(args) == 0
+    assert (out / MANIFEST).is_file()
+    assert "max rel err" in capsys.readouterr().out
+    assert main(args) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--resume"]) == 0
+    assert main(["eval", str(out), "--text", str(d / "calib.npy"), "--seq-len", "32"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["verify", str(out)]) == 0
+    assert main(["inspect", str(out), "--json"]) == 0
+
+
+def test_calibrate_then_quantize_with_stats_and_tp(model, capsys):
+    d, m = model
+    stats = d / "stats"
+    assert main(["calibrate", str(m), "-o", str(stats), "--calib", str(d / "calib.npy"), "--num-samples", "4",
+                 "--seq-len", "32"]) == 0
+    out = d / "out-stats"
+    assert main(["quantize", str(m), "-c", str(CONFIGS / "w8a8_static.yaml"), "-o", str(out), "--stats", str(stats),
+                 "--seq-len", "32", "--tp", "2"]) == 0
+    assert (out / "tp2" / "shard_map.json").is_file()
+    assert main(["merge", str(out / "tp2"), "-o", str(d / "merged")]) == 0
+    assert main(["calibrate", str(m), "-o", str(d / "s2")]) == 2
+    assert "--calib" in capsys.readouterr().err
