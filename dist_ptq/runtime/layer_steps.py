@@ -16,15 +16,6 @@ from dist_ptq.quant.layer import QuantizedLayer
 from dist_ptq.quant.observers import LayerStats, kv_channels, observe
 
 
-@dataclass
-class LayerReport:
-    layer: int
-    seconds: float
-    max_rel_err: float | None  # max over samples of ‖y_q − y‖ / ‖y‖ of the layer's residual update
-    mean_rel_err: float | None
-    tokens: int
-
-
 @dataclass(frozen=True)
 class Needs:
     """What calibration must record beyond max/min: GPTQ Hessians, AWQ / clip input samples."""
