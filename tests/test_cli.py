@@ -1,6 +1,5 @@
 """The command line wired end to end: every subcommand a user runs, through dist_ptq.cli.main."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +7,7 @@ import pytest
 from dist_ptq.cli import main
 from dist_ptq.export.unified import MANIFEST
 from dist_ptq.model.synthetic import tiny_config, write_random_model
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from tests.common import CONFIGS
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ import numpy as np
 import psutil
 import pytest
 
-from dist_ptq.export.unified import read_manifest
 from dist_ptq.model.synthetic import tiny_config, write_random_model
+from tests.common import manifest_without_report
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
@@ -30,10 +30,6 @@ CONFIG = ROOT / "configs" / "w8a8_smoothquant_kv_int8.yaml"
 NODE_PORTS = ("NODE_MANAGER", "OBJECT_MANAGER", "RUNTIME_ENV_AGENT", "DASHBOARD_AGENT_GRPC",
               "DASHBOARD_AGENT_LISTEN", "METRICS_EXPORT")
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
-
-
-def manifest_without_report(out: Path) -> dict[str, str]:
-    return {k: v for k, v in read_manifest(out).items() if k != "report.json"}
 
 
 def port_free(port: int) -> bool:

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +12,7 @@ from dist_ptq.errors import OutputError
 from dist_ptq.export.unified import MANIFEST, read_manifest
 from dist_ptq.model.synthetic import tiny_config, write_random_model
 from dist_ptq.runtime.coordinator import quantize
-
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
-RAY_ENV = {"env_vars": {"OMP_NUM_THREADS": "1", "DIST_PTQ_THREADS": "1"}}
-
-
-def manifest_without_report(out: Path) -> dict[str, str]:
-    return {k: v for k, v in read_manifest(out).items() if k != "report.json"}
+from tests.common import CONFIGS, RAY_ENV, ROOT, manifest_without_report
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,17 @@
 """The Ray runner's invariants: same bytes whatever the layout, stages read only their own tensors,
 --stats reuse, and placement on a two-node cluster with NPU resources."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
 
 from dist_ptq.errors import CalibrationError, ConfigError
-from dist_ptq.export.unified import read_manifest
 from dist_ptq.model.arch import spec_from_config
 from dist_ptq.model.synthetic import tiny_config, write_random_model
 from dist_ptq.runtime.coordinator import calibrate, quantize
 from dist_ptq.runtime.plan import plan_stages, replica_batches, tensor_bytes
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RAY_ENV = {"env_vars": {"OMP_NUM_THREADS": "1", "DIST_PTQ_THREADS": "1"}}
-
-
-def manifest_without_report(out: Path) -> dict[str, str]:
-    return {k: v for k, v in read_manifest(out).items() if k != "report.json"}
+from tests.common import CONFIGS, RAY_ENV, manifest_without_report
 
 
 @pytest.fixture(scope="module")

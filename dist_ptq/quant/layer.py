@@ -189,6 +189,15 @@ def _quantize_weight(w: np.ndarray, c: PTQConfig, stats: LayerStats | None, tap:
     return ws, P.quantize_weight(w, ws, bits), rec
 
 
+def check_group_size(linear: str, ic: int, group_size: int) -> None:
+    """A W4A16 group must tile the linear's input channels."""
+    if group_size and ic % group_size:
+        raise ConfigError(
+            f"{linear} has {ic} input channels, not a multiple of group_size {group_size}; expected a "
+            "group_size dividing every quantized linear's input (or per_channel, or blacklist the layer)"
+        )
+
+
 def quantize_layer(
     index: int,
     weights: dict[str, np.ndarray],
@@ -204,12 +213,7 @@ def quantize_layer(
     groups = {g: _group_configs(index, prefix, members, cfg) for g, members in INPUT_GROUPS.items()}
     for cfgs, _ in groups.values():
         for m, c in cfgs.items():
-            ic = weights[m + ".weight"].shape[1]
-            if c.group_size and ic % c.group_size:
-                raise ConfigError(
-                    f"{prefix + m} has {ic} input channels, not a multiple of group_size {c.group_size}; expected a "
-                    "group_size dividing every quantized linear's input (or per_channel, or blacklist the layer)"
-                )
+            check_group_size(prefix + m, weights[m + ".weight"].shape[1], c.group_size)
     work = dict(weights)
     awq, changed, awq_smooth = _apply_awq(index, work, groups, stats)
 

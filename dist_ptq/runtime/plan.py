@@ -76,17 +76,12 @@ def replica_batches(num_batches: int, replicas: int, replica: int) -> list[int]:
 def check_group_sizes(spec: ArchSpec, cfg) -> None:
     """Refuse, before anything is written, a group size that does not divide a quantized linear's input."""
     from dist_ptq.model.arch import LINEARS
+    from dist_ptq.quant.layer import check_group_size
 
     for i in range(spec.num_layers):
         shapes = spec.layer_shapes(i)
         for m in LINEARS:
             name = spec.layer_prefix(i) + m
             c = cfg.config_for(name)
-            if c is None or c.weight_quant_dtype is None or not c.group_size:
-                continue
-            ic = shapes[name + ".weight"][1]
-            if ic % c.group_size:
-                raise ConfigError(
-                    f"{name} has {ic} input channels, not a multiple of group_size {c.group_size}; expected a "
-                    "group_size dividing every quantized linear's input (or per_channel, or blacklist the layer)"
-                )
+            if c is not None and c.weight_quant_dtype is not None:
+                check_group_size(name, shapes[name + ".weight"][1], c.group_size)
