@@ -1,6 +1,7 @@
 """Perplexity of every scheme on the bundled model and on its function-preserving outlier variant.
 
     python bench/accuracy.py [--max-tokens 32768] [--out bench/results/accuracy.md]
+    python bench/accuracy.py --render bench/results/accuracy.json   # the table again from saved figures
 
 Quantizes with each recipe in configs/ (calibration: the bundled calib.txt, 64 × 256 tokens), then
 evaluates on the held-out valid.txt through the reference quantized inference. Prints a Markdown table
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -37,7 +39,12 @@ def main() -> int:
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "accuracy.md")
     ap.add_argument("--schemes", nargs="*", default=SCHEMES)
+    ap.add_argument("--render", type=Path, help="print and write the table of a saved JSON instead of measuring")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        write(saved["results"], saved["schemes"], saved["num_samples"], args.out)
+        return 0
 
     from dist_ptq.assets import TINY_LLAMA
     from dist_ptq.eval.run import evaluate
@@ -64,8 +71,14 @@ def main() -> int:
                 print(f"  {scheme:28s} ppl {ppl:9.3f}  {100 * (ppl / base - 1):+7.2f}%  ({secs:.1f}s)", flush=True)
             results[label] = {"tokens": n_tok, "rows": rows}
 
+    write(results, args.schemes, args.num_samples, args.out)
+    return 0
+
+
+def write(results: dict, schemes: list[str], num_samples: int, out: Path) -> None:
+    """Print the Markdown table and write it with the figures (JSON) beside it."""
     lines = [
-        f"Held-out tokens: {results['bundled']['tokens']} (valid.txt, seq-len 256); calibration {args.num_samples} × 256 tokens.",
+        f"Held-out tokens: {results['bundled']['tokens']} (valid.txt, seq-len 256); calibration {num_samples} × 256 tokens.",
         "",
         "| scheme | bundled ppl | Δ | gap to RTN recovered | time (s) | outlier-variant ppl | Δ | gap to RTN recovered | time (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -74,12 +87,12 @@ def main() -> int:
     def recovered(label: str, scheme: str) -> str:
         rows = results[label]["rows"]
         rtn = rows.get("w4a16_rtn_g128") if scheme.startswith("w4a16") else rows.get("w8a8_smoothquant")
-        if rtn is None or scheme in ("float", "w4a16_rtn_g128", "w8a8_smoothquant") or not scheme.startswith(("w4a16", "w8a8_smoothquant_")):
+        if rtn is None or not re.search(r"gptq|awq|clip", scheme):  # only the recovery recipes
             return ""
         gap = rtn["ppl"] - rows["float"]["ppl"]
         return f"{100 * (rtn['ppl'] - rows[scheme]['ppl']) / gap:.0f}%" if abs(gap) > 1e-9 else "n/a"
 
-    for scheme in ["float", *args.schemes]:
+    for scheme in ["float", *schemes]:
         cells = []
         for label in ("bundled", "outlier variant"):
             r = results[label]["rows"][scheme]
@@ -87,10 +100,10 @@ def main() -> int:
         lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(f"# Accuracy (`python bench/accuracy.py`)\n\n{table}")
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# Accuracy (`python bench/accuracy.py`)\n\n{table}")
+    out.with_suffix(".json").write_text(
+        json.dumps({"schemes": schemes, "num_samples": num_samples, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

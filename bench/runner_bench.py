@@ -27,23 +27,25 @@ sys.path.insert(0, str(ROOT / "bench"))
 from synthetic import config_for  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys, time
-import numpy as np
-from dist_ptq.runtime.coordinator import quantize
+import json, os, sys, time
 a = json.loads(sys.argv[1])
+if a.get("one_core"):  # the one-worker baseline on one core, as each of several workers runs
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before MindSpore starts threads: they inherit it
+from dist_ptq.runtime.coordinator import quantize
+from dist_ptq.runtime.stage import peak_rss_mb
 t0 = time.time()
-if a["workers"] > 1 or a.get("ray"):
+if a["workers"] * a.get("replicas", 1) > 1 or a.get("ray"):
     import ray
-    ray.init(num_cpus=a["workers"], include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=a["workers"] * a.get("replicas", 1), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DIST_PTQ_THREADS": "1"}})
 t1 = time.time()
 rep = quantize(a["model"], a["config"], a["out"], calib=a.get("calib"), num_samples=a.get("num_samples", 16),
-               seq_len=a.get("seq_len", 256), batch=a.get("batch", 4), workers=a["workers"],
+               seq_len=a.get("seq_len", 256), batch=a.get("batch", 4), workers=a["workers"], replicas=a.get("replicas", 1),
                schedule=a.get("schedule", "auto"), progress=False)
 t2 = time.time()
 workers = [r["peak_rss_mb"] for s in rep["stages"] for r in s["replicas"]]
 print("RESULT " + json.dumps({"seconds": t2 - t1, "ray_start_s": t1 - t0,
-      "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "driver_peak_rss_mb": peak_rss_mb(),
       "worker_peak_rss_mb": workers, "layers": rep["layers"]}))
 """
 
@@ -128,28 +130,40 @@ def bench_speedup(work: Path, layers: int) -> None:
     m = ensure_model(work, f"tinyllama-{layers}l", "tinyllama-1.1b", layers=layers)
     calib = calib_npy(work, 16, 256, 32000)
     cfg = str(ROOT / "configs/w8a8_smoothquant_kv_int8.yaml")
+    layouts = [("1 worker, 1 core", 1, 1, True), ("1 worker, 2 cores", 1, 1, False),
+               ("2 stages", 2, 1, False), ("1 stage × 2 replicas", 1, 2, False)]
     res = {}
-    for label, workers, schedule in [("pipeline 1 worker", 1, "pipeline"), ("pipeline 2 workers", 2, "pipeline"),
-                                     ("sequential 1 worker", 1, "sequential"), ("sequential 2 workers", 2, "sequential")]:
-        out = work / "out-speed"
-        shutil.rmtree(out, ignore_errors=True)
-        res[label] = run_child(model=str(m), config=cfg, out=str(out), workers=workers, calib=str(calib),
-                               num_samples=16, seq_len=256, batch=4, schedule=schedule)
-        print(f"{label}: {res[label]['seconds']:.1f}s", flush=True)
+    for schedule in ("pipeline", "sequential"):
+        for label, workers, replicas, one_core in layouts:
+            out = work / "out-speed"
+            shutil.rmtree(out, ignore_errors=True)
+            key = f"{schedule}, {label}"
+            res[key] = run_child(model=str(m), config=cfg, out=str(out), workers=workers, replicas=replicas,
+                                 calib=str(calib), num_samples=16, seq_len=256, batch=4, schedule=schedule,
+                                 one_core=one_core)
+            print(f"{key}: {res[key]['seconds']:.1f}s", flush=True)
     shutil.rmtree(work / "out-speed", ignore_errors=True)
-    sp = res["pipeline 1 worker"]["seconds"] / res["pipeline 2 workers"]["seconds"]
-    ss = res["sequential 1 worker"]["seconds"] / res["sequential 2 workers"]["seconds"]
+    rows, speedups = [], {}
+    for schedule in ("pipeline", "sequential"):
+        one, free, stages, reps = (res[f"{schedule}, {x[0]}"]["seconds"] for x in layouts)
+        speedups[schedule] = {"stages_vs_one_core": one / stages, "replicas_vs_one_core": one / reps,
+                              "stages_vs_two_cores": free / stages, "replicas_vs_two_cores": free / reps}
+        rows.append(f"| {schedule} | {one:.1f} | {free:.1f} | {stages:.1f} | {one / stages:.2f}× | "
+                    f"{reps:.1f} | {one / reps:.2f}× |\n")
     md = (
-        f"TinyLlama-1.1B dims with {layers} layers, W8A8 SmoothQuant + KV int8, 16 × 256 calibration tokens, "
-        "one thread per worker.\n\n| schedule | 1 worker (s) | 2 workers (s) | speed-up |\n|---|---:|---:|---:|\n"
-        f"| pipeline | {res['pipeline 1 worker']['seconds']:.1f} | {res['pipeline 2 workers']['seconds']:.1f} | {sp:.2f}× |\n"
-        f"| sequential | {res['sequential 1 worker']['seconds']:.1f} | {res['sequential 2 workers']['seconds']:.1f} | {ss:.2f}× |\n"
+        f"TinyLlama-1.1B dims with {layers} layers, W8A8 SmoothQuant + KV int8, 16 × 256 calibration tokens "
+        "(4 micro-batches). Each Ray worker pins itself to one core (`dist_ptq/runtime/cpu_pin.py`); the "
+        "one-worker baseline runs in the driver, on one core (as each worker does) and on both. Speed-ups "
+        "are against one worker on one core.\n\n"
+        "| schedule | 1 worker, 1 core (s) | 1 worker, 2 cores (s) | 2 stages (s) | speed-up | "
+        "1 stage × 2 replicas (s) | speed-up |\n|---|---:|---:|---:|---:|---:|---:|\n" + "".join(rows)
     )
-    save("speedup", {"layers": layers, "runs": res, "pipeline_speedup": sp, "sequential_speedup": ss}, md)
+    save("speedup", {"layers": layers, "runs": res, "speedup": speedups}, md)
 
 
 def bench_compute(work: Path) -> None:
     os.environ["DIST_PTQ_THREADS"] = "1"
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, as each pinned worker has
     import mindspore as ms
     import numpy as np
 
@@ -192,7 +206,7 @@ def bench_compute(work: Path) -> None:
     data = {"tokens_per_s": tokens / fwd_s, "achieved_gflops": achieved / 1e9, "gemm_gflops": gemm_rate / 1e9,
             "ratio": achieved / gemm_rate}
     md = (
-        "One TinyLlama-1.1B-shaped layer, calibration forward (with statistics taps) of 4 × 256 tokens, one thread.\n\n"
+        "One TinyLlama-1.1B-shaped layer, calibration forward (with statistics taps) of 4 × 256 tokens, on one core.\n\n"
         "| calibration tokens/s | achieved GFLOP/s | float32 GEMM GFLOP/s (same shapes) | ratio |\n|---:|---:|---:|---:|\n"
         f"| {data['tokens_per_s']:.0f} | {data['achieved_gflops']:.1f} | {data['gemm_gflops']:.1f} | {data['ratio']:.2f} |\n"
     )

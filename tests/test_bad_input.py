@@ -189,6 +189,22 @@ def test_nan_weight_named_when_layer_is_read(fresh):
     ckpt.close()
 
 
+def test_inf_embedding_named_when_copied_unchanged(fresh):
+    name = "model.embed_tokens.weight"
+
+    def poison(t, dt):
+        a = t[name].copy()
+        a[7, 1] = 0xFF80  # bf16 -inf
+        t[name] = a
+
+    edit_model(fresh, poison)
+    ckpt = Checkpoint(fresh)
+    where = re.escape(str(fresh / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{where}: tensor {re.escape(name)} holds 1 NaN/Inf values"):
+        ckpt.get_stored(name)
+    ckpt.close()
+
+
 def test_unsupported_model_type(fresh):
     cfg = json.loads((fresh / "config.json").read_text())
     cfg["model_type"] = "gpt2"

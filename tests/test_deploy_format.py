@@ -27,6 +27,7 @@ from dist_ptq.errors import DistPTQError, OutputError
 from dist_ptq.eval.perplexity import forward_logprobs
 from dist_ptq.eval.quantized_source import QuantizedSource
 from dist_ptq.eval.run import open_source
+from dist_ptq.model.arch import LINEARS
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.fingerprint import model_fingerprint
 from dist_ptq.model.forward import configure_mindspore, decoder_layer, to_tensor
@@ -379,6 +380,32 @@ def test_record_is_complete_and_deterministic(run):
     bad = [p for p, k in keys({k: v for k, v in record.items() if k != "config"}) if FORBIDDEN_RECORD_KEYS.search(k)]
     assert not bad, bad
     assert socket.gethostname() not in text and str(env["root"]) not in text
+
+
+def test_report_says_what_recovery_settled_on(run):
+    """report.json: per layer and linear, the damp GPTQ used, AWQ's α, the mean clip ratio; nothing for RTN."""
+    raw, report = run["raw"], json.loads((run["out"] / "report.json").read_text())
+    for row in report["layers"]:
+        expect = {}
+        for m in LINEARS:
+            eff = effective(raw, f"model.layers.{row['layer']}.{m}")
+            if eff is None or eff.get("weight_quant_dtype", "int8") is None:
+                continue
+            keys = set()
+            if eff.get("precision_recovery", "none") == "gptq":
+                keys |= {"gptq_damp", "gptq_damp_raises", "gptq_loss"}
+            if eff.get("outliers_suppression") == "awq" or eff.get("weight_clip"):
+                keys.add("clip_ratio_mean")
+            if keys:
+                expect[m] = (keys, eff)
+        got = row.get("recovery", {})
+        assert set(got) == set(expect), row["layer"]
+        for m, (keys, eff) in expect.items():
+            assert keys <= set(got[m]) <= keys | {"awq_alpha"}, (row["layer"], m, got[m])
+            if "gptq_damp" in keys:
+                assert got[m]["gptq_damp"] >= (eff.get("algo_args") or {}).get("damp_percent", 0.01)
+            if "clip_ratio_mean" in keys:
+                assert 0.0 < got[m]["clip_ratio_mean"] <= 1.0
 
 
 def test_manifest_lists_every_file_with_its_sha256(run):

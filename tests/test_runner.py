@@ -1,6 +1,7 @@
 """The Ray runner's invariants: same bytes whatever the layout, stages read only their own tensors,
 --stats reuse, and placement on a two-node cluster with NPU resources."""
 
+import os
 
 import numpy as np
 import pytest
@@ -67,6 +68,10 @@ def test_a_stage_reads_only_its_own_tensors(setup):
         for replica in stage["replicas"]:
             assert replica["tensors_read"], "the instrumented reader saw no reads"
             assert set(replica["tensors_read"]) <= own, f"stage {stage['index']} read {set(replica['tensors_read']) - own}"
+    # 4 CPU actors: each pinned to a core of its own while cores last (runtime/cpu_pin.py)
+    cores = [r["cpu_core"] for st in report["stages"] for r in st["replicas"]]
+    pinned = [c for c in cores if c is not None]
+    assert len(pinned) == len(set(pinned)) and set(pinned) <= os.sched_getaffinity(0)
 
 
 def test_stats_reuse_gives_the_same_bytes(setup):

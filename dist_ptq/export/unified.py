@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -91,11 +92,15 @@ def write_shard(
     model_dtype_names: set[str],
     int4_names: set[str],
     model_dtype: str,
+    stored: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Write one shard; returns its part of the index (name → file)."""
-    arrays, tags = {}, {}
+    """Write one shard; returns its part of the index (name → file). ``stored`` names tensors that
+    are already encoded (name → dtype tag), written byte for byte."""
+    arrays, tags = {}, dict(stored or {})
     for name, a in tensors.items():
-        if name in model_dtype_names:
+        if name in tags:
+            arrays[name] = a
+        elif name in model_dtype_names:
             arrays[name], tags[name] = encode_model_dtype(a, model_dtype)
         else:
             arrays[name] = np.ascontiguousarray(a)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -61,13 +62,66 @@ class Checkpoint:
             raise CheckpointError(f"{self._where(name)}: tensor {name} holds {bad} NaN/Inf values; expected finite weights")
         return a
 
+    def get_stored(self, name: str) -> tuple[np.ndarray, str]:
+        """(the tensor as stored, its dtype tag), refused if it holds NaN or Inf: for copying a tensor
+        through unchanged without a float32 copy twice its size."""
+        a, tag = self.files.get_copy(name), self.files.dtype(name)
+        bad = nonfinite_count(a, tag)
+        if bad:
+            raise CheckpointError(f"{self._where(name)}: tensor {name} holds {bad} NaN/Inf values; expected finite weights")
+        return a, tag
+
     def layer(self, i: int) -> dict[str, np.ndarray]:
         """Layer i's tensors with layer-local names ('self_attn.q_proj.weight', ...)."""
         prefix = self.spec.layer_prefix(i)
         return {n[len(prefix):]: self.get(n) for n in sorted(self.spec.layer_shapes(i))}
+
+    def layer_lazy(self, i: int) -> LazyLayer:
+        """Layer i's tensors read on access and not kept, so quantizing linear by linear holds one
+        float linear at a time."""
+        return LazyLayer(self, i)
 
     def dtype_of(self, name: str) -> str:
         return self.files.dtype(name)
 
     def close(self) -> None:
         self.files.close()
+
+
+class LazyLayer(Mapping):
+    """A layer's tensors (layer-local names) read from the checkpoint each time one is looked up."""
+
+    def __init__(self, ckpt: Checkpoint, i: int):
+        self._ckpt, self._prefix = ckpt, ckpt.spec.layer_prefix(i)
+        self._names = sorted(n[len(self._prefix):] for n in ckpt.spec.layer_shapes(i))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._ckpt.get(self._prefix + name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+_EXP_MASK = {"BF16": 0x7F80, "F16": 0x7C00}
+
+
+def nonfinite_count(a: np.ndarray, tag: str, chunk: int = 1 << 22) -> int:
+    """NaN/Inf values in a stored float tensor (BF16 / F16 as bits), in chunks to bound temporaries."""
+    flat = a.reshape(-1)
+    bad = 0
+    for lo in range(0, flat.size, chunk):
+        part = flat[lo : lo + chunk]
+        if tag in _EXP_MASK:
+            m = np.uint16(_EXP_MASK[tag])
+            bad += int(np.count_nonzero((part.view(np.uint16) & m) == m))
+        else:
+            bad += int(part.size - np.count_nonzero(np.isfinite(part)))
+    return bad

@@ -37,6 +37,10 @@ def configure_mindspore(threads: int | None = None, device: str | None = None) -
     target = (device or os.environ.get("DIST_PTQ_DEVICE", "cpu")).lower()
     # Ray sets ASCEND_RT_VISIBLE_DEVICES to the NPU it assigned, which MindSpore then sees as device 0.
     ms.set_device("Ascend" if target == "ascend" else "CPU")
+    if target != "ascend":
+        # PyNative's asynchronous launch keeps a thread spinning beside the kernels; on CPU,
+        # synchronous launch is faster (bench/runner_bench.py compute) and frees the core it spun on
+        ms.runtime.launch_blocking()
     n = threads or int(os.environ.get("DIST_PTQ_THREADS", "0") or 0)
     if n > 0:
         from mindspore.device_context.cpu.op_tuning import threads_num

@@ -135,7 +135,9 @@ def float32_to_bf16_bits(x) -> np.ndarray:
 def bf16_bits_to_float32(bits) -> np.ndarray:
     """bfloat16 bits (``np.uint16``) -> float32 values; exact. Returns a new array."""
     u16 = np.asarray(bits, dtype=np.uint16)
-    return (u16.reshape(-1).astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(u16.shape)
+    u32 = u16.astype(np.uint32)
+    u32 <<= np.uint32(16)  # in place: a layer-sized read keeps one float32 copy, not two
+    return u32.view(np.float32)
 
 
 # ------------------------------------------------------------------------------------------- reader
@@ -333,6 +335,10 @@ class SafetensorsFile:
             arr = np.asarray(self._mapping()[e.begin : e.end]).view(np_dtype).reshape(e.shape)
         arr.flags.writeable = False
         return arr
+
+    def get_copy(self, name: str) -> np.ndarray:
+        """A private copy of the tensor as stored (BF16: ``uint16`` bits), by a positioned read."""
+        return self._read(self._entry(name))
 
     def get_float32(self, name: str) -> np.ndarray:
         """A float32 copy of a BF16, F16 or F32 tensor; other dtypes are refused."""
@@ -535,6 +541,13 @@ class ModelFiles:
         if self.on_read is not None:
             self.on_read(name)
         return f.get(name)
+
+    def get_copy(self, name: str) -> np.ndarray:
+        """A private copy of the tensor as stored (BF16 as uint16 bits), no mapping left behind."""
+        f = self._file(name)
+        if self.on_read is not None:
+            self.on_read(name)
+        return f.get_copy(name)
 
     def get_float32(self, name: str) -> np.ndarray:
         """A float32 copy of a BF16 / F16 / F32 tensor."""

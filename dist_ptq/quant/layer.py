@@ -15,6 +15,8 @@ then GPTQ (Hessian diag(1/s) H diag(1/s) when smoothed) or RTN with the clip rat
 
 from __future__ import annotations
 
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,7 +53,7 @@ class Recovery:
     awq_alpha: float | None = None  # None: no AWQ, or plain RTN (s = 1) scored best
     clip_ratio_mean: float | None = None  # mean chosen clip ratio, None when no clip search ran
     gptq_damp: float | None = None  # damp_percent used, None without GPTQ
-    gptq_damp_raises: int = 0
+    gptq_damp_raises: int | None = None
     gptq_loss: float | None = None
 
 
@@ -137,7 +139,7 @@ _FOLD_INTO = {"attn_in": "input_layernorm.weight", "o_in": "self_attn.v_proj",
               "mlp_in": "post_attention_layernorm.weight", "down_in": "mlp.up_proj"}
 
 
-def _apply_awq(index: int, w: dict[str, np.ndarray], groups: dict, stats: LayerStats | None):
+def _apply_awq(index: int, w: ChainMap, groups: dict, stats: LayerStats | None):
     """Search every AWQ group on the source weights, then fold the scales into ``w`` (a working copy).
 
     Returns (group → (s, α), names of changed tensors, linear → smooth_scale for unfoldable inputs)."""
@@ -200,21 +202,25 @@ def check_group_size(linear: str, ic: int, group_size: int) -> None:
 
 def quantize_layer(
     index: int,
-    weights: dict[str, np.ndarray],
+    weights: Mapping[str, np.ndarray],
     stats: LayerStats | None,
     cfg: PTQConfig,
     spec: ArchSpec,
     model_dtype: str = "BF16",
 ) -> QuantizedLayer:
-    """Apply ``cfg`` (with its blacklist and layer policies) to decoder layer ``index``."""
+    """Apply ``cfg`` (with its blacklist and layer policies) to decoder layer ``index``.
+
+    ``weights`` may read tensors on access (``Checkpoint.layer_lazy``): without calibration every
+    tensor is then looked up once and dropped once quantized, so one float linear is held at a time."""
     prefix = spec.layer_prefix(index)
     out = QuantizedLayer(tensors={}, description={}, model_dtype=set())
     quantized = set()
     groups = {g: _group_configs(index, prefix, members, cfg) for g, members in INPUT_GROUPS.items()}
+    shapes = spec.layer_shapes(index)
     for cfgs, _ in groups.values():
         for m, c in cfgs.items():
-            check_group_size(prefix + m, weights[m + ".weight"].shape[1], c.group_size)
-    work = dict(weights)
+            check_group_size(prefix + m, shapes[prefix + m + ".weight"][1], c.group_size)
+    work = ChainMap({}, weights)  # AWQ's changed tensors over the source
     awq, changed, awq_smooth = _apply_awq(index, work, groups, stats)
 
     for group, (cfgs, act) in groups.items():
@@ -271,6 +277,7 @@ def quantize_layer(
                 out.description[m + suffix] = kind
             out.linears[m] = lin
             quantized.add(m)
+            del w  # before the next linear is read: one float linear at a time
 
     for name in sorted(weights):
         linear = name.rsplit(".", 1)[0]

@@ -28,8 +28,10 @@ def sym_scale(absmax: np.ndarray, bits: int) -> np.ndarray:
 
 def quantize_sym(x: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     """round-half-to-even(x / scale) clamped to the symmetric range, as int8."""
-    q = np.rint(np.asarray(x, np.float32) / scale)
-    return np.clip(q, QMIN[bits], QMAX[bits]).astype(np.int8)
+    q = np.asarray(x, np.float32) / scale
+    np.rint(q, out=q)  # in place: one float temporary the size of x, not three
+    np.clip(q, QMIN[bits], QMAX[bits], out=q)
+    return q.astype(np.int8)
 
 
 def asym_params(lo: float, hi: float) -> tuple[np.float32, int]:
@@ -54,28 +56,33 @@ def weight_scale(w: np.ndarray, bits: int, group_size: int = 0, clip_ratio: np.n
     return sym_scale(absmax * np.asarray(clip_ratio, np.float32), bits)
 
 
-def expand_scale(scale: np.ndarray, ic: int) -> np.ndarray:
-    """Per-channel (oc,) or per-group (oc, ng) scale broadcast to (oc, ic)."""
+def _grouped(a: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(oc, ic) array and its scale, shaped to broadcast without a full-size copy of the scale."""
     if scale.ndim == 1:
-        return scale[:, None]
-    return np.repeat(scale, ic // scale.shape[1], axis=1)
+        return a, scale[:, None]
+    return a.reshape(a.shape[0], scale.shape[1], -1), scale[:, :, None]
 
 
 def quantize_weight(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
-    return quantize_sym(w, expand_scale(scale, w.shape[1]), bits)
+    ws, s = _grouped(w, scale)
+    return quantize_sym(ws, s, bits).reshape(w.shape)
 
 
 def dequantize_weight(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * expand_scale(scale, q.shape[1])
+    w = q.astype(np.float32)
+    ws, s = _grouped(w, scale)
+    ws *= s
+    return w
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
     """(oc, ic) int4 values in int8 → (ic, oc/2) bytes, transposed, low nibble = even output channel."""
-    qt = np.ascontiguousarray(q.T).astype(np.int16)
-    if qt.shape[1] % 2:
-        raise ValueError(f"int4 packing needs an even output dimension, got {qt.shape[1]}")
-    low, high = qt[:, 0::2] & 0xF, qt[:, 1::2] & 0xF
-    return ((high << 4) | low).astype(np.uint8).view(np.int8)
+    if q.shape[0] % 2:
+        raise ValueError(f"int4 packing needs an even output dimension, got {q.shape[0]}")
+    qt = np.ascontiguousarray(q.T).view(np.uint8)  # two's complement bits; the low nibble is the int4
+    packed = qt[:, 1::2] << np.uint8(4)  # uint8 shift drops the high nibble
+    packed |= qt[:, 0::2] & np.uint8(0xF)
+    return packed.view(np.int8)
 
 
 def unpack_int4(packed: np.ndarray) -> np.ndarray:

@@ -108,7 +108,8 @@ class Workers:
             row = []
             for r in range(replicas):
                 opts = options[k * replicas + r]
-                row.append(actor_cls.options(max_restarts=0, **opts).remote(**make_args(st, r)))
+                args = dict(make_args(st, r), pin_cpu=device == "cpu")
+                row.append(actor_cls.options(max_restarts=0, **opts).remote(**args))
             self.grid.append(row)
 
     def placement(self) -> list[list[dict]]:
@@ -118,8 +119,9 @@ class Workers:
             nodes = resolve([invoke(w.node_id) for w in row])
             reads = resolve([invoke(w.read_names) for w in row])
             rss = resolve([invoke(w.peak_rss_mb) for w in row])
-            out.append([{"node": n, "tensors_read": sorted(set(r)), "peak_rss_mb": round(m, 1)}
-                        for n, r, m in zip(nodes, reads, rss)])
+            cores = resolve([invoke(w.cpu_core) for w in row])
+            out.append([{"node": n, "cpu_core": c, "tensors_read": sorted(set(r)), "peak_rss_mb": round(m, 1)}
+                        for n, c, r, m in zip(nodes, cores, reads, rss)])
         return out
 
     def close(self) -> None:
@@ -331,6 +333,7 @@ def quantize(
             "seconds": round(row["seconds"], 4),
             "max_rel_err": None if errs is None else float(errs.max()),
             "mean_rel_err": None if errs is None else float(errs.mean()),
+            **({"recovery": row["recovery"]} if row.get("recovery") else {}),
         })
     missing = sorted(set(range(spec.num_layers)) - {r["layer"] for r in reports})
     if missing:

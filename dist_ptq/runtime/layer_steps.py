@@ -5,14 +5,14 @@ Each takes tensors and returns values; the stage worker strings them together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import mindspore as ms
 import numpy as np
 
 from dist_ptq.config import BackendTarget
 from dist_ptq.model.forward import decoder_layer
-from dist_ptq.quant.layer import QuantizedLayer
+from dist_ptq.quant.layer import QuantizedLayer, Recovery
 from dist_ptq.quant.observers import LayerStats, kv_channels, observe
 
 
@@ -81,3 +81,9 @@ def activation_record(ql: QuantizedLayer, prefix: str) -> dict:
     elif ql.kv == "C8_DYNAMIC":
         rec[prefix + "self_attn"] = {"type": "C8_DYNAMIC"}
     return rec
+
+
+def recovery_record(ql: QuantizedLayer) -> dict:
+    """What GPTQ, AWQ and clip search settled on per linear (report.json); empty for plain RTN."""
+    return {m: {k: v for k, v in asdict(lin.recovery).items() if v is not None}
+            for m, lin in sorted(ql.linears.items()) if lin.recovery != Recovery()}

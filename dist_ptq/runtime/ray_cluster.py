@@ -23,7 +23,8 @@ def connect(address: str | None, num_actors: int) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"OMP_NUM_THREADS": "1", "DIST_PTQ_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {"OMP_NUM_THREADS": "1", "DIST_PTQ_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "DIST_PTQ_PIN_CPU": os.environ.get("DIST_PTQ_PIN_CPU", "1")}  # actors read it (runtime/cpu_pin.py)
     try:
         if address:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)

@@ -26,7 +26,9 @@ from dist_ptq.quant.layer import quantize_layer
 from dist_ptq.model.safetensors_io import SafetensorsFile
 from dist_ptq.quant.observers import LayerStats
 from dist_ptq.quant.rebuild import layer_aux, rebuild_layer
-from dist_ptq.runtime.layer_steps import Needs, activation_record, batch_errors, deploy_tensors, observe_batch
+from dist_ptq.runtime import cpu_pin
+from dist_ptq.runtime.layer_steps import (Needs, activation_record, batch_errors, deploy_tensors, observe_batch,
+                                         recovery_record)
 from dist_ptq.runtime.plan import Stage
 
 CACHE_LIMIT_BYTES = 4 << 30
@@ -36,6 +38,20 @@ def shard_file(backend: BackendTarget, i: int, n: int) -> str:
     if backend is BackendTarget.ASCEND:
         return unified.shard_name(i, n)
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB): VmHWM, which a new program image starts afresh;
+    ``ru_maxrss`` survives exec on Linux and would report the parent's peak for a spawned child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class StageWorker:
@@ -53,7 +69,9 @@ class StageWorker:
         committed: dict[int, dict] | None = None,
         device: str = "cpu",
         kill_after_commits: int | None = None,
+        pin_cpu: bool = False,
     ):
+        self.cpu = cpu_pin.pin_one_core() if pin_cpu else None  # before MindSpore starts its threads
         configure_mindspore(threads, device)
         self.cfg = PTQConfig.from_dict(cfg)
         self.stage, self.partial, self.writer, self.needs = stage, Path(partial), writer, needs
@@ -76,9 +94,11 @@ class StageWorker:
 
     def peak_rss_mb(self) -> float:
         """Peak resident memory of this worker's process (MiB)."""
-        import resource
+        return peak_rss_mb()
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    def cpu_core(self) -> int | None:
+        """The core this worker pinned itself to (None: not pinned)."""
+        return self.cpu
 
     def node_id(self) -> str | None:
         """The Ray node this worker runs on (None in the driver)."""
@@ -188,9 +208,12 @@ class StageWorker:
 
     def _quantize_and_write(self, layer: int, stats: LayerStats | None) -> dict:
         prefix = self.spec.layer_prefix(layer)
-        ql = quantize_layer(layer, self._float(layer), stats, self.cfg, self.spec, self.model_dtype)
+        # without statistics nothing runs the float layer, so read it linear by linear
+        weights = self.ckpt.layer_lazy(layer) if stats is None else self._float(layer)
+        ql = quantize_layer(layer, weights, stats, self.cfg, self.spec, self.model_dtype)
         tensors, mdt, int4, desc = deploy_tensors(ql, self.cfg.backend)
-        row = {"layer": layer, "weight_map": {}, "description": {}, "activation_params": {}, "resumed": False}
+        row = {"layer": layer, "weight_map": {}, "description": {}, "activation_params": {}, "resumed": False,
+               "recovery": recovery_record(ql)}
         if desc is not None:
             row["description"] = {prefix + n: t for n, t in desc.items()}
         if self.cfg.backend is BackendTarget.NONE:
@@ -240,10 +263,20 @@ class StageWorker:
         if self.writer:
             groups = {0: ["model.embed_tokens.weight"], self.spec.num_layers + 1: [n for n in names if n != "model.embed_tokens.weight"]}
             for i in index:
-                glob = {n: self.ckpt.get(n) for n in groups[i]}
                 fname = shard_file(self.cfg.backend, i, self.n_shards)
-                out["weight_map"].update(unified.write_shard(self.partial, fname, glob, set(glob), set(), self.model_dtype))
+                out["weight_map"].update(self._copy_shard(fname, groups[i]))
         return out
+
+    def _copy_shard(self, fname: str, names: list[str]) -> dict[str, str]:
+        """Write float tensors unchanged in the model dtype; a tensor stored in another dtype is
+        converted (through float32, so at most one such tensor at a time is twice its size)."""
+        stored, glob = {}, {}
+        for n in names:
+            if self.ckpt.dtype_of(n) == self.model_dtype:
+                glob[n], stored[n] = self.ckpt.get_stored(n)
+            else:
+                glob[n], stored[n] = unified.encode_model_dtype(self.ckpt.get(n), self.model_dtype)
+        return unified.write_shard(self.partial, fname, glob, set(), set(), self.model_dtype, stored=stored)
 
     def close(self) -> None:
         self.ckpt.close()
