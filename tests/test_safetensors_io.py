@@ -459,6 +459,15 @@ def test_index_missing_shard(tmp_path):
         ModelFiles(d)
 
 
+@pytest.mark.parametrize("shard", ["a\nb.safetensors", "tab\there.safetensors", "\r"])
+def test_missing_shard_with_control_characters_is_a_one_line_error(tmp_path, shard):
+    d = tmp_path / "m"
+    make_sharded(d, {"s.safetensors": {"w": np.ones(1, np.float32)}}, weight_map={"w": shard})
+    with pytest.raises(ShardIndexError, match=r"does not exist$") as e:
+        ModelFiles(d)
+    assert str(e.value).isprintable() and repr(shard) in str(e.value)
+
+
 @pytest.mark.parametrize(
     "shard, pattern",
     [

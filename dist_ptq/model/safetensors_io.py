@@ -394,6 +394,12 @@ class SafetensorsFile:
 # ------------------------------------------------------------------------------------ model folders
 
 
+def _printable(path) -> str:
+    """A path for a one-line message: as is, or quoted with escapes when it holds control characters."""
+    text = os.fspath(path)
+    return text if text.isprintable() else repr(text)
+
+
 class ModelFiles:
     """The weights of a Hugging Face model directory, shards opened lazily and kept open.
 
@@ -459,11 +465,11 @@ class ModelFiles:
         real = os.path.realpath(self.model_dir / shard)
         if os.path.commonpath([real, real_dir]) != real_dir:
             raise ShardIndexError(
-                f"{where}: resolves to {real}, outside the model directory {real_dir} (symlink?); "
+                f"{where}: resolves to {_printable(real)}, outside the model directory {_printable(real_dir)} (symlink?); "
                 "expected a file inside it"
             )
         if not os.path.isfile(real):
-            raise ShardIndexError(f"{where}: shard file {self.model_dir / shard} does not exist")
+            raise ShardIndexError(f"{where}: shard file {_printable(self.model_dir / shard)} does not exist")
 
     # -- shards -----------------------------------------------------------------------------------
 
