@@ -57,19 +57,20 @@ class Checkpoint:
     def get(self, name: str) -> np.ndarray:
         """float32 copy of one tensor, refused if it holds NaN or Inf."""
         a = self.files.get_float32(name)
-        if not np.isfinite(a).all():
-            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-            raise CheckpointError(f"{self._where(name)}: tensor {name} holds {bad} NaN/Inf values; expected finite weights")
+        self._refuse_nonfinite(name, a, "F32")
         return a
 
     def get_stored(self, name: str) -> tuple[np.ndarray, str]:
         """(the tensor as stored, its dtype tag), refused if it holds NaN or Inf: for copying a tensor
         through unchanged without a float32 copy twice its size."""
         a, tag = self.files.get_copy(name), self.files.dtype(name)
+        self._refuse_nonfinite(name, a, tag)
+        return a, tag
+
+    def _refuse_nonfinite(self, name: str, a: np.ndarray, tag: str) -> None:
         bad = nonfinite_count(a, tag)
         if bad:
             raise CheckpointError(f"{self._where(name)}: tensor {name} holds {bad} NaN/Inf values; expected finite weights")
-        return a, tag
 
     def layer(self, i: int) -> dict[str, np.ndarray]:
         """Layer i's tensors with layer-local names ('self_attn.q_proj.weight', ...)."""
@@ -94,14 +95,15 @@ class LazyLayer(Mapping):
     def __init__(self, ckpt: Checkpoint, i: int):
         self._ckpt, self._prefix = ckpt, ckpt.spec.layer_prefix(i)
         self._names = sorted(n[len(self._prefix):] for n in ckpt.spec.layer_shapes(i))
+        self._known = frozenset(self._names)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._names:
+        if name not in self._known:
             raise KeyError(name)
         return self._ckpt.get(self._prefix + name)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names
+        return name in self._known
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

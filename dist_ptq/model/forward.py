@@ -39,7 +39,7 @@ def configure_mindspore(threads: int | None = None, device: str | None = None) -
     ms.set_device("Ascend" if target == "ascend" else "CPU")
     if target != "ascend":
         # PyNative's asynchronous launch keeps a thread spinning beside the kernels; on CPU,
-        # synchronous launch is faster (bench/runner_bench.py compute) and frees the core it spun on
+        # synchronous launch is faster and frees the core it spun on (README "Runner benchmarks")
         ms.runtime.launch_blocking()
     n = threads or int(os.environ.get("DIST_PTQ_THREADS", "0") or 0)
     if n > 0:

@@ -113,16 +113,8 @@ class Workers:
             self.grid.append(row)
 
     def placement(self) -> list[list[dict]]:
-        """Per stage and replica: the node it ran on and every tensor it read (for the report)."""
-        out = []
-        for row in self.grid:
-            nodes = resolve([invoke(w.node_id) for w in row])
-            reads = resolve([invoke(w.read_names) for w in row])
-            rss = resolve([invoke(w.peak_rss_mb) for w in row])
-            cores = resolve([invoke(w.cpu_core) for w in row])
-            out.append([{"node": n, "cpu_core": c, "tensors_read": sorted(set(r)), "peak_rss_mb": round(m, 1)}
-                        for n, c, r, m in zip(nodes, cores, reads, rss)])
-        return out
+        """Per stage and replica: the worker's node, core, tensors read and peak memory (the report)."""
+        return [resolve([invoke(w.placement) for w in row]) for row in self.grid]
 
     def close(self) -> None:
         if not self.ray:

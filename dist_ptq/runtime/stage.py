@@ -89,22 +89,14 @@ class StageWorker:
         self._cache = stage.nbytes * 2 <= CACHE_LIMIT_BYTES  # float32 copies of the stage's layers
 
     # ---- reading -----------------------------------------------------------------------------
-    def read_names(self) -> list[str]:
-        return list(self.reads)
-
-    def peak_rss_mb(self) -> float:
-        """Peak resident memory of this worker's process (MiB)."""
-        return peak_rss_mb()
-
-    def cpu_core(self) -> int | None:
-        """The core this worker pinned itself to (None: not pinned)."""
-        return self.cpu
-
-    def node_id(self) -> str | None:
-        """The Ray node this worker runs on (None in the driver)."""
+    def placement(self) -> dict:
+        """Where this worker ran and what it touched, for the report: its Ray node (None in the
+        driver), the core it pinned itself to (None: not pinned), every tensor it read, its peak memory."""
         import ray
 
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"node": node, "cpu_core": self.cpu, "tensors_read": sorted(set(self.reads)),
+                "peak_rss_mb": round(peak_rss_mb(), 1)}
 
     def _float(self, layer: int) -> dict[str, np.ndarray]:
         return self.ckpt.layer(layer)
