@@ -24,6 +24,7 @@ from dist_ptq import (
     dump_yaml,
     load_yaml,
 )
+from dist_ptq.config import unmatched_patterns, warn_unmatched
 from dist_ptq.errors import ConfigError
 
 INT8, INT4 = ms.dtype.int8, ms.dtype.qint4x2
@@ -340,8 +341,8 @@ ROUND_TRIP = [
                       weight_quant_dtype=None, kvcache_quant_dtype=INT8), id="c8-only"),
     pytest.param(dict(W8A8, outliers_suppression=OS.SMOOTH, algo_args={"alpha": 0.8},
                       kvcache_quant_dtype=INT8, kvcache_quant_granularity=G.PER_TOKEN), id="w8a8-smooth"),
-    pytest.param(dict(W8A8_DYN, outliers_suppression=OS.OSL, algo_args=SmoothQuantConfig(0.25)),
-                 id="w8a8-dyn-osl"),
+    pytest.param(dict(W8A8_DYN, outliers_suppression=OS.SMOOTH, algo_args=SmoothQuantConfig(0.25)),
+                 id="w8a8-dyn-smooth"),  # was OSL, refused until implemented (issue 13 item 7)
     pytest.param(dict(W4_GROUP, precision_recovery=PrecisionRecovery.GPTQ,
                       algo_args=GPTQQuantConfig(64, 0.05, True, True)), id="w4-gptq"),
     pytest.param(dict(W4_GROUP, group_size=256, outliers_suppression=OS.AWQ,
@@ -496,6 +497,84 @@ def test_from_dict_names_its_source():
         PTQConfig.from_dict(["mode"], source="recipe.json")
 
 
+
+# ---- OSL is refused until implemented (issue 13 item 7) ------------------------------------------
+
+OSL_REFUSED = ("field 'outliers_suppression': OutliersSuppressionType.OSL is not implemented yet; accepted: "
+               "OutliersSuppressionType.NONE, OutliersSuppressionType.SMOOTH, OutliersSuppressionType.AWQ")
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param(dict(W8A8, outliers_suppression=OS.OSL), id="w8a8"),
+    pytest.param(dict(W8A8_DYN, outliers_suppression=OS.OSL, algo_args={"alpha": 0.5}), id="w8a8-dyn-alpha"),
+    pytest.param(dict(outliers_suppression=OS.OSL), id="weight-only"),
+    pytest.param(dict(W8A8, outliers_suppression=OS.OUTLIER_SUPPRESSION_LITE), id="golden-stick-name"),
+])
+def test_osl_refused_in_python(kwargs):
+    assert raises(ValueError, kwargs) == OSL_REFUSED
+
+
+def test_osl_refused_in_a_layer_policy():
+    with pytest.raises(ValueError) as info:
+        PTQConfig(**W8A8, layer_policies={"o_proj": PTQConfig(**W8A8, outliers_suppression=OS.OSL)})
+    assert str(info.value) == OSL_REFUSED
+    base = PTQConfig(**W8A8, layer_policies={"o_proj": PTQConfig(**W8A8, outliers_suppression=OS.SMOOTH)})
+    with pytest.raises(ValueError) as info:  # replace() validates again, so no way around the check
+        dataclasses.replace(base.layer_policies["o_proj"], outliers_suppression=OS.OSL)
+    assert str(info.value) == OSL_REFUSED
+
+
+def test_osl_refused_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    msg = load_error(tmp_path, "act_quant_dtype: int8\noutliers_suppression: osl\n")
+    assert msg == f"{path}: {OSL_REFUSED}"
+    msg = load_error(tmp_path, "act_quant_dtype: int8\nlayer_policies: {o_proj: {outliers_suppression: osl}}\n")
+    assert msg == f"{path}: layer_policies['o_proj']: {OSL_REFUSED}"
+
+
+def test_osl_alias_is_the_same_member():
+    assert OS.OUTLIER_SUPPRESSION_LITE is OS.OSL and OS("osl") is OS.OSL
+    assert list(OS) == [OS.NONE, OS.SMOOTH, OS.AWQ, OS.OSL]  # the alias adds no member
+
+
+# ---- blacklist entries and policy patterns that match no layer -----------------------------------
+
+LAYERS = [f"model.layers.{i}.{m}" for i in range(2) for m in
+          ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")] + ["lm_head"]
+
+
+def test_unmatched_patterns_none_when_all_match():
+    down = PTQConfig(weight_quant_dtype=None, opname_blacklist=["layers.0."])
+    cfg = PTQConfig(opname_blacklist=["lm_head", "layers.1.self_attn"], layer_policies={r"mlp\.down_proj$": down})
+    assert unmatched_patterns(cfg, LAYERS) == []
+    assert unmatched_patterns(PTQConfig(), LAYERS) == []
+
+
+def test_unmatched_patterns_lists_each_dead_entry_in_config_order():
+    cfg = PTQConfig(opname_blacklist=["lm-head", "lm_head", "layers.7."],
+                    layer_policies={r"down_proj$": PTQConfig(opname_blacklist=["q_proj", "layers.1."]),
+                                    r"^layers\.0\.": PTQConfig(weight_quant_dtype=None)})
+    # "q_proj" exists in the model but never in a layer the down_proj policy covers, so it does nothing
+    assert unmatched_patterns(cfg, LAYERS) == ["lm-head", "layers.7.", "q_proj", r"^layers\.0\."]
+    assert unmatched_patterns(cfg, []) == ["lm-head", "lm_head", "layers.7.", r"down_proj$", "q_proj", "layers.1.",
+                                           r"^layers\.0\."]
+
+
+def test_warn_unmatched_one_line_warning():
+    cfg = PTQConfig(opname_blacklist=["lm-head"], layer_policies={"mlp\nx": PTQConfig()})
+    with pytest.warns(UserWarning) as record:
+        assert warn_unmatched(cfg, LAYERS) == ["lm-head", "mlp\nx"]
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert msg == ("opname_blacklist / layer_policies entries match no layer of the model (7 layers): "
+                   "'lm-head', 'mlp\\nx'"), msg
+    assert "\n" not in msg
+
+
+def test_warn_unmatched_silent_when_all_match(recwarn):
+    assert warn_unmatched(PTQConfig(opname_blacklist=["lm_head"]), LAYERS) == []
+    assert len(recwarn) == 0
+
 # ---- property: junk in, only ValueError/TypeError out; whatever constructs round-trips -----------
 
 ENUM_MEMBERS = [*PTQMode, *BackendTarget, *QuantGranularity, *OutliersSuppressionType,
@@ -528,7 +607,7 @@ SCHEMES = [  # valid combinations, algo_args left out
     dict(), dict(weight_clip=True), dict(weight_quant_dtype=None), dict(weight_quant_dtype=INT4),
     dict(W4_GROUP), dict(W4_GROUP, group_size=64, precision_recovery=GPTQ),
     dict(W4_GROUP, group_size=256, outliers_suppression=AWQ), dict(precision_recovery=GPTQ),
-    dict(W8A8), dict(W8A8, outliers_suppression=OS.SMOOTH), dict(W8A8_DYN, outliers_suppression=OS.OSL),
+    dict(W8A8), dict(W8A8, outliers_suppression=OS.SMOOTH), dict(W8A8_DYN, outliers_suppression=OS.SMOOTH),
     dict(W8A8, outliers_suppression=OS.SMOOTH, precision_recovery=GPTQ, weight_clip=True),
 ]
 # per field: valid values, values valid elsewhere, and junk
@@ -557,7 +636,7 @@ FIELDS = {
 def algo_args_for(draw, kw):
     """Valid arguments for whichever algorithms ``kw`` turns on, as a dict or a dataclass."""
     on = [cls for cls, is_on in [
-        (SmoothQuantConfig, kw.get("outliers_suppression") in (OS.SMOOTH, OS.OSL)),
+        (SmoothQuantConfig, kw.get("outliers_suppression") is OS.SMOOTH),
         (GPTQQuantConfig, kw.get("precision_recovery") is GPTQ),
         (AWQConfig, kw.get("outliers_suppression") is AWQ)] if is_on]
     if not on:

@@ -2,290 +2,32 @@
 
 Config is data; applying it is somebody else's function. Every field is checked once, in
 ``__post_init__``, with the seed's exception types and a message naming the field and the allowed
-values, so nothing downstream re-checks. ``load_yaml`` / ``dump_yaml`` round-trip losslessly and turn
-any problem in a file into a one-line :class:`~dist_ptq.errors.ConfigError` naming the file.
-
-YAML form (``dump_yaml`` writes every field; ``load_yaml`` accepts any subset)::
-
-    version: 1
-    mode: quantize                 # enums by value
-    weight_quant_dtype: int4       # int8 | int4 | null
-    weight_quant_granularity: per_group
-    group_size: 128
-    precision_recovery: gptq
-    algo_args: {block_size: 128, damp_percent: 0.01, desc_act: false, static_groups: false}
-    layer_policies:                # regex -> overrides (at most one may match a layer); unset fields inherit
-      'mlp\\.down_proj$': {weight_quant_dtype: int8, weight_quant_granularity: per_channel, group_size: 0}
+values, so nothing downstream re-checks. :meth:`PTQConfig.to_dict` / :meth:`PTQConfig.from_dict`
+give the plain-data form that :mod:`dist_ptq.config.yaml_io` writes and reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import numbers
 import re
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any
 
-import yaml
 from mindspore import dtype as mstype
 
+from dist_ptq.config.algo_args import (_A, _ALGO_CLASSES, _ALGO_KEYS, _ENABLING_SETTING, AlgoArgs, GPTQQuantConfig,
+                                       _algo_class_of, _algo_enabled)
+from dist_ptq.config.checks import (_DTYPE_BY_NAME, _DTYPE_FIELDS, _ENUM_FIELDS, _boolean, _check_dtype, _check_enum,
+                                    _check_suppression_implemented, _dtype_yaml_name, _got, _integer, _same_dtype,
+                                    _show, _yaml_kind)
+from dist_ptq.config.enums import BackendTarget, OutliersSuppressionType, PrecisionRecovery, PTQMode, QuantGranularity
 from dist_ptq.errors import ConfigError
 
 CONFIG_VERSION = 1
-"""The ``version`` written by :func:`dump_yaml`; bump it when the YAML form changes meaning."""
+"""The ``version`` written by :func:`~dist_ptq.config.dump_yaml`; bump it when the YAML form changes meaning."""
 
 GROUP_SIZES = (64, 128, 256)
 """Group sizes for PER_GROUP int4 weights (SPEC §3, W4A16)."""
-
-
-class PTQMode(enum.Enum):
-    """QUANTIZE calibrates and quantizes; DEPLOY builds or loads the already quantized form."""
-
-    QUANTIZE = "quantize"
-    DEPLOY = "deploy"
-
-
-class BackendTarget(enum.Enum):
-    """NONE targets a generic network; ASCEND the Ascend quantized operators."""
-
-    NONE = "none"
-    ASCEND = "ascend"
-
-
-class QuantGranularity(enum.Enum):
-    """Which elements share one scale."""
-
-    PER_TENSOR = "per_tensor"
-    PER_CHANNEL = "per_channel"
-    PER_TOKEN = "per_token"
-    PER_GROUP = "per_group"
-
-
-class OutliersSuppressionType(enum.Enum):
-    """How activation outliers are moved into the weights before quantization."""
-
-    NONE = "none"
-    SMOOTH = "smooth"
-    AWQ = "awq"
-    OSL = "osl"
-
-
-class PrecisionRecovery(enum.Enum):
-    """Error-compensating weight rounding; GPTQ needs a Hessian from calibration."""
-
-    NONE = "none"
-    GPTQ = "gptq"
-
-
-# --------------------------------------------------------------------------------------------------
-# small checks shared by the dataclasses; each raises with the owner and field in the message
-
-
-def _show(value: Any) -> str:
-    """A value as it should appear in a one-line message: enums by name, dtypes by their API name."""
-    if isinstance(value, enum.Enum):
-        text = f"{type(value).__name__}.{value.name}"
-    elif isinstance(value, mstype.Type):
-        text = _dtype_api_name(value)
-    else:
-        text = repr(value)
-    text = " ".join(text.split())
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _got(value: Any) -> str:
-    return f"{_show(value)} ({type(value).__name__})"
-
-
-def _real(owner: str, name: str, value: Any) -> float:
-    """A real number (not a bool) as float, so that 1 and 1.0 are the same setting."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}field '{name}': expected a number, got {_got(value)}")
-    try:
-        return float(value)
-    except OverflowError:
-        raise ValueError(f"{owner}field '{name}': {_show(value)} is out of range") from None
-
-
-def _integer(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}field '{name}': expected an int, got {_got(value)}")
-    return int(value)
-
-
-def _boolean(owner: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}field '{name}': expected True or False, got {_got(value)}")
-    return value
-
-
-def _reals(owner: str, name: str, value: Any, lo: float, lo_open: bool, hi: float) -> list[float]:
-    """A non-empty list of numbers, each in (lo, hi] when lo_open else [lo, hi]."""
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{owner}field '{name}': expected a list of numbers, got {_got(value)}")
-    if not value:
-        raise ValueError(f"{owner}field '{name}': must not be empty")
-    out = [_real(owner, name, v) for v in value]
-    bracket = "(" if lo_open else "["
-    for v in out:
-        if not ((lo < v) if lo_open else (lo <= v)) or not v <= hi:
-            raise ValueError(f"{owner}field '{name}': {v!r} is outside {bracket}{lo}, {hi}]")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# algorithm hyper-parameters
-
-
-@dataclasses.dataclass(frozen=True)
-class SmoothQuantConfig:
-    """SmoothQuant migration strength: ``s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha)`` (SPEC §3).
-
-    Used when ``outliers_suppression`` is SMOOTH (or OSL).
-    """
-
-    alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        owner = "SmoothQuantConfig "
-        alpha = _real(owner, "alpha", self.alpha)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"{owner}field 'alpha': {alpha!r} is outside [0, 1]")
-        object.__setattr__(self, "alpha", alpha)
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTQQuantConfig:
-    """GPTQ solve settings, names as in the reference (``blocksize``, ``percdamp``, ``act_order``).
-
-    Used when ``precision_recovery`` is GPTQ.
-    """
-
-    block_size: int = 128
-    damp_percent: float = 0.01
-    desc_act: bool = False
-    static_groups: bool = False
-
-    def __post_init__(self) -> None:
-        owner = "GPTQQuantConfig "
-        block_size = _integer(owner, "block_size", self.block_size)
-        if block_size <= 0:
-            raise ValueError(f"{owner}field 'block_size': {block_size} must be > 0")
-        damp = _real(owner, "damp_percent", self.damp_percent)
-        if not 0.0 < damp < 1.0:
-            raise ValueError(f"{owner}field 'damp_percent': {damp!r} is outside (0, 1)")
-        _boolean(owner, "desc_act", self.desc_act)
-        _boolean(owner, "static_groups", self.static_groups)
-        object.__setattr__(self, "block_size", block_size)
-        object.__setattr__(self, "damp_percent", damp)
-
-
-def _default_awq_alphas() -> list[float]:
-    return [i / 20 for i in range(20)]
-
-
-def _default_awq_clip_ratios() -> list[float]:
-    return [1.0, 0.95, 0.9, 0.85, 0.8, 0.75]
-
-
-@dataclasses.dataclass(frozen=True)
-class AWQConfig:
-    """AWQ search grids: the scale exponent ``smooth_alpha`` and the weight clip ratios tried.
-
-    Used when ``outliers_suppression`` is AWQ. Frozen, but holds lists, so it is not hashable.
-    """
-
-    duo_scaling: bool = True
-    smooth_alpha: list[float] = dataclasses.field(default_factory=_default_awq_alphas)
-    weight_clip_ratio: list[float] = dataclasses.field(default_factory=_default_awq_clip_ratios)
-
-    def __post_init__(self) -> None:
-        owner = "AWQConfig "
-        _boolean(owner, "duo_scaling", self.duo_scaling)
-        alphas = _reals(owner, "smooth_alpha", self.smooth_alpha, 0.0, False, 1.0)
-        ratios = _reals(owner, "weight_clip_ratio", self.weight_clip_ratio, 0.0, True, 1.0)
-        object.__setattr__(self, "smooth_alpha", alphas)
-        object.__setattr__(self, "weight_clip_ratio", ratios)
-
-
-AlgoArgs = Union[dict, SmoothQuantConfig, GPTQQuantConfig, AWQConfig]
-_A = TypeVar("_A", SmoothQuantConfig, GPTQQuantConfig, AWQConfig)
-_ALGO_CLASSES = (SmoothQuantConfig, GPTQQuantConfig, AWQConfig)
-_ALGO_KEYS = {f.name: cls for cls in _ALGO_CLASSES for f in dataclasses.fields(cls)}
-"""Every key an ``algo_args`` dict may hold, and the dataclass it belongs to (names do not clash)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# dtypes: mindspore.dtype values in Python, short names in YAML
-
-_DTYPE_BY_NAME: dict[str, Any] = {"int8": mstype.int8, "int4": mstype.qint4x2}
-_API_NAMES = ((mstype.int8, "mindspore.dtype.int8"), (mstype.qint4x2, "mindspore.dtype.qint4x2"))
-
-
-def _dtype_api_name(value: Any) -> str:
-    for dtype, name in _API_NAMES:
-        if value == dtype:
-            return name
-    return repr(value)
-
-
-def _same_dtype(value: Any, allowed: Any) -> bool:
-    """dtype equality that never asks a foreign object's ``__eq__`` (``None`` is a valid choice)."""
-    if allowed is None:
-        return value is None
-    return isinstance(value, mstype.Type) and value == allowed
-
-
-def _dtype_yaml_name(value: Any) -> str | None:
-    if value is None:
-        return None
-    for name, dtype in _DTYPE_BY_NAME.items():
-        if value == dtype:
-            return name
-    raise AssertionError(f"unvalidated dtype {value!r}")  # __post_init__ admits only the above
-
-
-# Allowed values per field: the seed's table plus the extensions. Shared by Python checks and YAML.
-_ENUM_FIELDS: dict[str, tuple[enum.Enum, ...]] = {
-    "mode": (PTQMode.QUANTIZE, PTQMode.DEPLOY),
-    "backend": (BackendTarget.NONE, BackendTarget.ASCEND),
-    "outliers_suppression": tuple(OutliersSuppressionType),
-    "act_quant_granularity": (QuantGranularity.PER_TENSOR, QuantGranularity.PER_TOKEN),
-    "kvcache_quant_granularity": (QuantGranularity.PER_CHANNEL, QuantGranularity.PER_TOKEN),
-    "precision_recovery": (PrecisionRecovery.NONE, PrecisionRecovery.GPTQ),
-    "weight_quant_granularity": (QuantGranularity.PER_CHANNEL, QuantGranularity.PER_GROUP),
-}
-_DTYPE_FIELDS: dict[str, tuple[str, ...]] = {
-    "weight_quant_dtype": ("int8", "int4"),
-    "kvcache_quant_dtype": ("int8",),
-    "act_quant_dtype": ("int8",),
-}
-
-
-def _check_enum(name: str, value: Any) -> None:
-    allowed = _ENUM_FIELDS[name]
-    if any(value is a for a in allowed):
-        return
-    enum_cls = type(allowed[0])
-    msg = f"field '{name}': got {_got(value)}; allowed: {', '.join(_show(a) for a in allowed)}"
-    if isinstance(value, str) and value in {a.value for a in allowed}:
-        msg += f" (strings are not enums: use {enum_cls.__name__}({value!r}))"
-    if name == "outliers_suppression" and not isinstance(value, enum_cls):
-        raise TypeError(msg)  # the seed makes a wrong type here a TypeError
-    raise ValueError(msg)
-
-
-def _check_dtype(name: str, value: Any) -> None:
-    allowed = [_DTYPE_BY_NAME[n] for n in _DTYPE_FIELDS[name]] + [None]
-    if not any(_same_dtype(value, a) for a in allowed):
-        names = ", ".join("None" if a is None else _dtype_api_name(a) for a in allowed)
-        raise ValueError(f"field '{name}': got {_got(value)}; allowed: {names}")
-
-
-# --------------------------------------------------------------------------------------------------
-# the config
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -301,6 +43,9 @@ class PTQConfig:
     ``model.layers.3.mlp.down_proj``) to complete configs for the layers they match; two patterns
     matching one layer is an error (see :meth:`config_for`). Policies must share ``mode`` and ``backend`` and hold none of
     their own.
+
+    ``outliers_suppression=OSL`` is refused (ValueError) until OSL is implemented: quant/ acts only on
+    SMOOTH and AWQ, so accepting it would quantize with no smoothing at all.
     """
 
     mode: PTQMode = PTQMode.QUANTIZE
@@ -329,6 +74,7 @@ class PTQConfig:
         for name in ("outliers_suppression", "act_quant_granularity", "kvcache_quant_granularity",
                      "precision_recovery", "weight_quant_granularity"):
             _check_enum(name, getattr(self, name))
+        _check_suppression_implemented(self.outliers_suppression)
         group_size = _integer("", "group_size", self.group_size)
         _boolean("", "weight_clip", self.weight_clip)
         self._check_consistency(group_size)
@@ -379,7 +125,7 @@ class PTQConfig:
             raise ValueError(f"field 'group_size': {group_size} must be 0 unless "
                              "weight_quant_granularity is PER_GROUP (then 64, 128 or 256)")
         suppression = self.outliers_suppression
-        if suppression in (OutliersSuppressionType.SMOOTH, OutliersSuppressionType.OSL) and act is None:
+        if suppression is OutliersSuppressionType.SMOOTH and act is None:
             raise ValueError(f"field 'outliers_suppression': {_show(suppression)} smooths activations "
                              "for W8A8 and needs act_quant_dtype int8, got None")
         if suppression is OutliersSuppressionType.AWQ and (act is not None or weight is None):
@@ -396,9 +142,7 @@ class PTQConfig:
 
     @staticmethod
     def _enabling_setting(cls: type) -> str:
-        return {SmoothQuantConfig: "outliers_suppression SMOOTH or OSL",
-                AWQConfig: "outliers_suppression AWQ",
-                GPTQQuantConfig: "precision_recovery GPTQ"}[cls]
+        return _ENABLING_SETTING[cls]
 
     def _checked_algo_args(self) -> AlgoArgs:
         """algo_args must only hold arguments of algorithms this config turns on (no silent no-ops)."""
@@ -598,33 +342,7 @@ class PTQConfig:
     __hash__ = None  # mutable contents (lists, dicts)
 
 
-def _algo_enabled(cls: type, suppression: Any, recovery: Any) -> bool:
-    """Whether the algorithm whose arguments ``cls`` holds is on."""
-    if cls is SmoothQuantConfig:
-        return suppression in (OutliersSuppressionType.SMOOTH, OutliersSuppressionType.OSL)
-    if cls is AWQConfig:
-        return suppression is OutliersSuppressionType.AWQ
-    return recovery is PrecisionRecovery.GPTQ
-
-
-def _algo_class_of(key: str) -> type:
-    if key not in _ALGO_KEYS:
-        raise ValueError(f"field 'algo_args': unknown key {key!r}; allowed keys: "
-                         f"{', '.join(_ALGO_KEYS)}")
-    return _ALGO_KEYS[key]
-
-
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(PTQConfig))
-
-
-def _yaml_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return f"{_show(value)} ({type(value).__name__})"
 
 
 def _kwargs_from_mapping(data: Mapping, where: str) -> dict[str, Any]:
@@ -673,69 +391,3 @@ def _construct(kwargs: dict[str, Any], policies: dict[str, PTQConfig], where: st
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"{where}{err}") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# files
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys rather than silently keeping the last one."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        if isinstance(node, yaml.MappingNode):
-            seen: list[Any] = []
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark)
-                seen.append(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that double-quotes strings with unprintable characters (NEL, U+2028, BOM, ...).
-
-    PyYAML with ``allow_unicode`` writes those raw and reads them back as line breaks or nothing.
-    """
-
-
-def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
-    style = None if text.isprintable() else '"'
-    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
-
-
-_Dumper.add_representer(str, _represent_str)
-
-
-def load_yaml(path: str | Path) -> PTQConfig:
-    """Read a PTQConfig recipe; any problem is a one-line ConfigError naming the file."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{source}: cannot read config: {' '.join(str(err).split())}") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{source}: line {mark.line + 1}" if mark is not None else source
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{where}: malformed YAML: {' '.join(str(problem).split())}") from None
-    if data is None:
-        raise ConfigError(f"{source}: the top level must be a mapping of PTQConfig fields, "
-                          "got an empty document")
-    return PTQConfig.from_dict(data, source=source)
-
-
-def dump_yaml(cfg: PTQConfig, path: str | Path) -> Path:
-    """Write ``cfg`` as YAML (all fields, ``version`` first); returns the path written."""
-    if not isinstance(cfg, PTQConfig):
-        raise TypeError(f"dump_yaml: expected a PTQConfig, got {_got(cfg)}")
-    path = Path(path)
-    text = yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-    path.write_text(text, encoding="utf-8")
-    return path

@@ -1,0 +1,50 @@
+"""The enums of a PTQConfig, values as written in YAML (SPEC §2); names follow mindspore_gs.ptq."""
+
+from __future__ import annotations
+
+import enum
+
+
+class PTQMode(enum.Enum):
+    """QUANTIZE calibrates and quantizes; DEPLOY builds or loads the already quantized form."""
+
+    QUANTIZE = "quantize"
+    DEPLOY = "deploy"
+
+
+class BackendTarget(enum.Enum):
+    """NONE targets a generic network; ASCEND the Ascend quantized operators."""
+
+    NONE = "none"
+    ASCEND = "ascend"
+
+
+class QuantGranularity(enum.Enum):
+    """Which elements share one scale."""
+
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+    PER_TOKEN = "per_token"
+    PER_GROUP = "per_group"
+
+
+class OutliersSuppressionType(enum.Enum):
+    """How activation outliers are moved into the weights before quantization.
+
+    OSL (Golden Stick's OutlierSuppressionLite) is named by the seed but not implemented here yet:
+    :class:`~dist_ptq.config.PTQConfig` refuses it rather than quantizing with no smoothing.
+    ``OUTLIER_SUPPRESSION_LITE`` is Golden Stick's name for the same member (an alias of OSL).
+    """
+
+    NONE = "none"
+    SMOOTH = "smooth"
+    AWQ = "awq"
+    OSL = "osl"
+    OUTLIER_SUPPRESSION_LITE = "osl"  # alias: Golden Stick 1.x spells OSL this way
+
+
+class PrecisionRecovery(enum.Enum):
+    """Error-compensating weight rounding; GPTQ needs a Hessian from calibration."""
+
+    NONE = "none"
+    GPTQ = "gptq"
