@@ -29,6 +29,7 @@ from dist_ptq.quant.clip import clip_search
 from dist_ptq.quant.fake import fake_kv, fake_linear, layer_weights_for
 from dist_ptq.quant.layer import _apply_awq, _group_configs, quantize_layer
 from dist_ptq.quant.observers import merge_layer_stats
+from dist_ptq.quant.schemes import linear_scheme
 from dist_ptq.runtime.layer_steps import Needs, observe_batch
 
 I8, I4 = mstype.int8, mstype.qint4x2
@@ -203,7 +204,7 @@ def test_awq_folding_keeps_the_float_function(layers, name):
                "o_in": ("self_attn.o_proj",), "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
                "down_in": ("mlp.down_proj",)}.items()}
     work = dict(m["weights"])
-    searched, changed, smooth = _apply_awq(LAYER, work, groups, m["stats"])
+    searched, changed, smooth = _apply_awq(LAYER, work, groups, m["stats"], spec.layer(LAYER))
     assert set(searched) == {"attn_in", "o_in", "mlp_in", "down_in"}
     assert {"input_layernorm.weight", "post_attention_layernorm.weight", "mlp.up_proj.weight"} <= changed
     gqa = spec.num_kv_heads != spec.num_heads
@@ -273,7 +274,7 @@ def test_quantize_layer_end_to_end(layers, family, name, tmp_path):
     group = cfg.group_size
     for p, lin in ql.linears.items():
         oc, ic = m["weights"][p + ".weight"].shape
-        kind = cfg.description_type()
+        kind = linear_scheme(cfg)
         if kind == "W4A16":
             assert ql.tensors[p + ".weight"].shape == (ic, oc // 2) and ql.tensors[p + ".weight"].dtype == np.int8
             assert p + ".weight" in ql.int4

@@ -26,6 +26,7 @@ from dist_ptq import (
 )
 from dist_ptq.config import unmatched_patterns, warn_unmatched
 from dist_ptq.errors import ConfigError
+from dist_ptq.quant.schemes import kv_scheme, linear_scheme
 
 INT8, INT4 = ms.dtype.int8, ms.dtype.qint4x2
 G = QuantGranularity
@@ -191,8 +192,8 @@ def test_extension_checks(kwargs, exc, needles):
 ])
 def test_valid_schemes_and_description_types(kwargs, desc, kv):
     cfg = PTQConfig(**kwargs)
-    assert cfg.description_type() == desc
-    assert cfg.kv_description_type() == kv
+    assert linear_scheme(cfg) == desc
+    assert kv_scheme(cfg, "model.layers.0.") == kv
 
 
 # ---- algo-arg dataclasses --------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def test_yaml_round_trip(kwargs, tmp_path):
     back = load_yaml(path)
     assert back == cfg
     assert list(back.layer_policies) == list(cfg.layer_policies)
-    assert back.description_type() == cfg.description_type()
+    assert linear_scheme(back) == linear_scheme(cfg)
     assert dump_yaml(back, tmp_path / "again.yaml").read_text(encoding="utf-8") == text
     assert PTQConfig.from_dict(yaml.safe_load(text)) == cfg
 
@@ -402,9 +403,9 @@ def test_yaml_partial_file_and_policy_inheritance(tmp_path):
                             algo_args={"alpha": 0.7, "block_size": 64},
                             layer_policies=cfg.layer_policies)
     down, o_proj = cfg.layer_policies["down_proj"], cfg.layer_policies["o_proj"]
-    assert down.description_type() == "W8A16" and down.algo(GPTQQuantConfig).block_size == 64
+    assert linear_scheme(down) == "W8A16" and down.algo(GPTQQuantConfig).block_size == 64
     assert down.algo_args == {"block_size": 64}  # smoothing args dropped with smoothing
-    assert o_proj.description_type() == "W8A8" and o_proj.algo_args == {"alpha": 0.7}
+    assert linear_scheme(o_proj) == "W8A8" and o_proj.algo_args == {"alpha": 0.7}
 
 
 # ---- YAML errors: one line naming file, field and allowed values ---------------------------------
@@ -685,5 +686,5 @@ def test_property_construct_or_value_type_error_and_round_trip(kwargs):
     assert back == cfg
     assert back.to_dict() == cfg.to_dict()
     assert list(back.layer_policies) == list(cfg.layer_policies)
-    assert back.description_type() == cfg.description_type()
+    assert linear_scheme(back) == linear_scheme(cfg)
     assert back.is_data_free == cfg.is_data_free

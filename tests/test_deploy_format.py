@@ -27,7 +27,6 @@ from dist_ptq.errors import DistPTQError, OutputError
 from dist_ptq.eval.perplexity import forward_logprobs
 from dist_ptq.eval.quantized_source import QuantizedSource
 from dist_ptq.eval.run import open_source
-from dist_ptq.model.arch import LINEARS
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.fingerprint import model_fingerprint
 from dist_ptq.model.forward import configure_mindspore, decoder_layer, to_tensor

@@ -119,7 +119,8 @@ def test_split_plan_rules():
     assert plan("mlp.down_proj.weight_scale", (4, 256), "W4A16", tp=4) == tpx.SplitPlan("split", 0, 4)
     assert plan("mlp.down_proj.weight_scale", (1, 256), "W4A16", tp=4) == tpx.SplitPlan("replicated")  # per channel
     assert plan("self_attn.k_scale", (128,), "C8", tp=4) == tpx.SplitPlan("split", 0, 2)
-    assert plan("self_attn.k_norm.weight", (64,), "FLOAT", tp=4) == tpx.SplitPlan("replicated")
+    qwen3 = spec_from_config({**MODEL, "model_type": "qwen3"})  # the family with q_norm / k_norm
+    assert tpx.split_plan(L0 + "self_attn.k_norm.weight", (64,), "FLOAT", qwen3, 4) == tpx.SplitPlan("replicated")
     assert tpx.split_plan("lm_head.weight", (96, 256), "FLOAT", spec, 4) == tpx.SplitPlan("split", 0, 4)
     with pytest.raises(CheckpointError, match=r"^model\.layers\.0\.self_attn\.o_proj\.weight_scale: a W4A16 group of 128 .*straddle"):
         plan("self_attn.o_proj.weight_scale", (2, 256), "W4A16", tp=4)

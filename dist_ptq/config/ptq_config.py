@@ -227,22 +227,6 @@ class PTQConfig:
                and self.precision_recovery is PrecisionRecovery.NONE and not self.weight_clip)
         return own and all(p.is_data_free for p in self.layer_policies.values())
 
-    def description_type(self) -> str:
-        """The SPEC §3 description type of a linear quantized with this config."""
-        if self.weight_quant_dtype is None:
-            return "FLOAT"
-        if self.act_quant_dtype is not None:
-            dynamic = self.act_quant_granularity is QuantGranularity.PER_TOKEN
-            return "W8A8_DYNAMIC" if dynamic else "W8A8"
-        return "W8A16" if self.weight_bits == 8 else "W4A16"
-
-    def kv_description_type(self) -> str | None:
-        """"C8" (static), "C8_DYNAMIC" (per token) or None when the KV cache stays float."""
-        if self.kvcache_quant_dtype is None:
-            return None
-        dynamic = self.kvcache_quant_granularity is QuantGranularity.PER_TOKEN
-        return "C8_DYNAMIC" if dynamic else "C8"
-
     def is_blacklisted(self, name: str) -> bool:
         """True when a blacklist entry is a substring of the layer name (the seed's fuzzy match)."""
         return any(entry in name for entry in self.opname_blacklist)

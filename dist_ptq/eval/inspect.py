@@ -15,11 +15,16 @@ from pathlib import Path
 from dist_ptq.errors import CheckpointError
 from dist_ptq.export import tp as tpx
 from dist_ptq.export import unified
-from dist_ptq.model.arch import LINEARS, load_spec
+from dist_ptq.model.arch import load_spec
 from dist_ptq.model.safetensors_io import SafetensorsFile
+from dist_ptq.quant.schemes import Scheme, kv_scheme
 
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
-SHORT = {m: m.split(".")[1].removesuffix("_proj") for m in LINEARS}
+
+
+def short(linear: str) -> str:
+    """'self_attn.q_proj' → 'q', the table's column name."""
+    return linear.split(".")[1].removesuffix("_proj")
 
 
 def _listing(path: Path) -> tuple[Path, dict[str, int], list[int] | None, dict | None]:
@@ -76,12 +81,9 @@ def inspect(path: Path | str) -> dict:
     layers = []
     for i in range(spec.num_layers):
         prefix = spec.layer_prefix(i)
-        schemes = {m: description.get(prefix + m + ".weight", "?" if not description else "FLOAT") for m in LINEARS}
-        if prefix + "self_attn.k_scale" in sizes:
-            kv = "C8"
-        else:
-            kv_cfg = cfg.config_for(prefix + "self_attn") if cfg else None
-            kv = kv_cfg.kv_description_type() if kv_cfg is not None else None
+        schemes = {m: description.get(prefix + m + ".weight", "?" if not description else Scheme.FLOAT)
+                   for m in spec.layer(i).linear_names}
+        kv = kv_scheme(cfg, prefix) if cfg is not None else None
         names = [n for n in sizes if n.startswith(prefix)]
         layers.append(row({"layer": i, "linears": schemes, "kv": kv}, names, spec.layer_shapes(i)))
     globs = spec.global_shapes()
@@ -110,7 +112,8 @@ def _size(n: int) -> str:
 
 def format_table(info: dict) -> str:
     """The report as a fixed-width table (one line per layer, then the other tensors and the total)."""
-    cols = [SHORT[m] for m in LINEARS]
+    linears = list(info["layers"][0]["linears"]) if info["layers"] else []
+    cols = [short(m) for m in linears]
     head = f"{'layer':>6} " + " ".join(f"{c:>12}" for c in cols) + f" {'kv':>10} {'bytes':>10} {'source':>10} {'ratio':>6}"
     kind = "unified" if info["tp"] is None else f"tp {info['tp']}"
     lines = [f"{info['dir']} ({kind}, source {info['model_dtype']})", head]
@@ -120,7 +123,7 @@ def format_table(info: dict) -> str:
         return f"{_size(r['bytes']):>10} {_size(r['source_bytes']):>10} {ratio:>6}"
 
     for r in info["layers"]:
-        schemes = " ".join(f"{r['linears'][m]:>12}" for m in LINEARS)
+        schemes = " ".join(f"{r['linears'].get(m, '-'):>12}" for m in linears)
         lines.append(f"{r['layer']:>6} {schemes} {r['kv'] or '-':>10} {tail(r)}")
     pad = 6 + 13 * len(cols) + 11
     for r in info["other"]:

@@ -11,11 +11,12 @@ from dist_ptq.config import PTQConfig
 from dist_ptq.errors import CheckpointError
 from dist_ptq.eval.quantized_linear import ReferenceLinear
 from dist_ptq.export.unified import DESCRIPTION, RECORD
-from dist_ptq.model.arch import LINEARS, load_spec
+from dist_ptq.model.arch import load_spec
 from dist_ptq.model.forward import decoder_layer, embed, final_logits, float_linear, to_tensor
 from dist_ptq.model.layer_source import Rope
 from dist_ptq.model.safetensors_io import ModelFiles
 from dist_ptq.quant.fake import kv_int8_dynamic, kv_int8_static
+from dist_ptq.quant.schemes import KVScheme, Scheme, kv_scheme
 
 
 class QuantizedSource:
@@ -47,27 +48,35 @@ class QuantizedSource:
         prefix = self.spec.layer_prefix(i)
         return {n[len(prefix):]: self._get(n) for n in self.files.keys() if n.startswith(prefix)}
 
-    def layer(self, i: int):
+    def layer_linears(self, i: int, tensors: dict[str, np.ndarray]):
+        """(float tensors, reference linears, linear fn) of layer ``i`` from stored tensors (layer-local
+        names; the whole layer's or one tensor-parallel rank's): what ``decoder_layer`` takes."""
         prefix = self.spec.layer_prefix(i)
-        t = self.layer_tensors(i)
-        floats = {n: to_tensor(a) for n, a in t.items() if self.description.get(prefix + n) == "FLOAT"}
+        floats = {n: to_tensor(a) for n, a in tensors.items() if self.description.get(prefix + n) == Scheme.FLOAT}
         plain = float_linear(floats)
         linears = {}
-        for m in LINEARS:
-            kind = self.description.get(prefix + m + ".weight", "FLOAT")
-            if kind != "FLOAT":
-                linears[m] = ReferenceLinear(kind, {n[len(m) + 1:]: a for n, a in t.items() if n.startswith(m + ".")})
+        for m in self.spec.layer(i).linear_names:
+            kind = self.description.get(prefix + m + ".weight", Scheme.FLOAT)
+            if kind != Scheme.FLOAT:
+                linears[m] = ReferenceLinear(kind, {n[len(m) + 1:]: a for n, a in tensors.items() if n.startswith(m + ".")})
 
         def linear(name, x):
             return linears[name](x) if name in linears else plain(name, x)
 
-        kv = None
-        if "self_attn.k_scale" in t:
-            kv = kv_int8_static(t["self_attn.k_scale"], t["self_attn.v_scale"], self.spec.num_kv_heads, self.spec.head_dim)
-        else:
-            kv_cfg = self.cfg.config_for(prefix + "self_attn")
-            if kv_cfg is not None and kv_cfg.kv_description_type() == "C8_DYNAMIC":
-                kv = kv_int8_dynamic
+        return floats, linears, linear
+
+    def layer_kv(self, i: int, k_scale: np.ndarray | None, v_scale: np.ndarray | None, num_kv_heads: int | None = None):
+        """The KV-cache read-back of layer ``i`` (None: a float cache); C8 takes the scales of the
+        ``num_kv_heads`` heads (default: the model's) that the attention sees."""
+        kind = kv_scheme(self.cfg, self.spec.layer_prefix(i))
+        if kind is KVScheme.C8:
+            return kv_int8_static(k_scale, v_scale, num_kv_heads or self.spec.num_kv_heads, self.spec.head_dim)
+        return kv_int8_dynamic if kind is KVScheme.C8_DYNAMIC else None
+
+    def layer(self, i: int):
+        t = self.layer_tensors(i)
+        floats, _, linear = self.layer_linears(i, t)
+        kv = self.layer_kv(i, t.get("self_attn.k_scale"), t.get("self_attn.v_scale"))
         return lambda x: decoder_layer(floats, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=linear, kv=kv)
 
     def logits(self, x):

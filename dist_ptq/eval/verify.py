@@ -11,12 +11,16 @@ Checks, each adding one-line problems (none means the directory passes):
 5. forward: a few random sequences through the reference quantized inference with tensor parallelism
    emulated rank by rank must match the unified forward (``QuantizedSource``) layer by layer.
 
-The emulation (per tp dir, per decoder layer, same input as the unified layer):
+The emulation (per tp dir, per decoder layer, same input as the unified layer) runs the one
+``forward.decoder_layer`` with a linear that does what the ranks and their collectives do:
 
-    rank r:  h = norm(x) ─ q/k/v_r (its q heads, its kv head(s)) ─ attention on its heads ─ o_proj_r ─┐
-                                                                                   partial sums added ┘
-             h = norm(x) ─ gate_r, up_r ─ silu·mul ─ down_proj_r ─ partial sums added (quant_bias/bias: rank 0)
+    column-parallel (q/k/v, gate/up):  every rank its output channels of the whole input ─ all-gather
+    row-parallel (o_proj, down_proj):  every rank its slice of the input ─ partial sums all-reduced
+                                       (quant_bias / bias held by rank 0, zeros elsewhere)
 
+Attention is per head and norms are replicated, so running them once on the gathered heads is what
+the ranks compute on theirs (with more ranks than kv heads, each rank's copy of its kv head is kept
+apart); the C8 cache scales are per channel, gathered from the ranks' heads the same way.
 Embeddings are looked up per rank on its vocabulary rows and summed; lm_head logits are concatenated.
 A row-parallel W8A8_DYNAMIC input is quantized per token with the absmax of the whole row (an
 all-reduce max across ranks), which is what makes the partial sums add up to the unified result; a
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,10 +40,11 @@ import numpy as np
 from dist_ptq.errors import CheckpointError
 from dist_ptq.export import tp as tpx
 from dist_ptq.export import unified
-from dist_ptq.model.arch import INPUT_GROUPS, LINEARS, ROW_PARALLEL, ArchSpec, load_spec
+from dist_ptq.model.arch import COLUMN, ArchSpec, load_spec
+from dist_ptq.config import GROUP_SIZES
+from dist_ptq.quant.schemes import KV_TENSORS, MODEL, Act, KVScheme, Scheme, format_of
 
 FLOAT_TAGS = ("BF16", "F16", "F32")
-GROUP_SIZES = (64, 128, 256)
 TOLERANCE = 1e-4
 
 
@@ -148,57 +153,35 @@ def expected_tensors(spec: ArchSpec, description: dict[str, str], model_dtype: s
     exp: dict[str, Expect] = {}
     problems = []
     for name, shape in spec.global_shapes().items():
-        exp[name] = Expect("FLOAT", md, shape, True)
+        exp[name] = Expect(Scheme.FLOAT, md, shape, True)
     for i in range(spec.num_layers):
-        prefix = spec.layer_prefix(i)
-        shapes = spec.layer_shapes(i)
-        linear_names = {prefix + m + s for m in LINEARS for s in (".weight", ".bias")}
-        for name, shape in shapes.items():
+        prefix, layer = spec.layer_prefix(i), spec.layer(i)
+        linear_names = {m + s for m in layer.linear_names for s in (".weight", ".bias")}
+        for name, shape in layer.shapes.items():
             if name not in linear_names:
-                exp[name] = Expect("FLOAT", md, shape, True)
-        for m in LINEARS:
+                exp[prefix + name] = Expect(Scheme.FLOAT, md, shape, True)
+        for m in layer.linear_names:
             p = prefix + m
-            oc, ic = shapes[p + ".weight"]
+            oc, ic = layer.dims(m)
             kinds = sorted({t for n, t in description.items() if n.startswith(p + ".")})
             if len(kinds) > 1:
                 problems.append(f"{p}: its tensors are described as {', '.join(kinds)}; expected one type per linear")
-            kind = description.get(p + ".weight") or (kinds[0] if kinds else "FLOAT")
-            t = _linear_tensors(kind, oc, ic, md)
-            if t is None:
-                problems.append(f"{p}: type {kind!r} is not one of FLOAT, W8A8, W8A8_DYNAMIC, W8A16, W4A16")
+            kind = description.get(p + ".weight") or (kinds[0] if kinds else Scheme.FLOAT)
+            fmt = format_of(kind)
+            if fmt is None:
+                problems.append(f"{p}: type {kind!r} is not one of {', '.join(Scheme)}")
                 continue
-            if p + ".bias" in shapes:
-                t["bias"] = (md, (oc,), True)
-            for suffix, (dtype, shape, required) in t.items():
-                exp[p + "." + suffix] = Expect(kind, dtype, shape, required, (oc, ic))
-        kv_types = {description.get(prefix + n) for n in tpx.KV_CACHE} - {None}
-        if kv_types:
+            for slot in fmt.slots:
+                if slot.suffix == "bias" and m + ".bias" not in layer.shapes:
+                    continue
+                required = slot.required or slot.suffix == "bias"
+                exp[p + "." + slot.suffix] = Expect(fmt.scheme, md if slot.dtype == MODEL else slot.dtype,
+                                                    slot.shape(oc, ic, None), required, (oc, ic))
+        if any(description.get(prefix + n) for n in KV_TENSORS):
             width = spec.num_kv_heads * spec.head_dim
-            for n in tpx.KV_CACHE:
-                exp[prefix + n] = Expect("C8", "F32" if n.endswith("scale") else "I8", (width,), True)
+            for n, dtype in KV_TENSORS.items():
+                exp[prefix + n] = Expect(KVScheme.C8, dtype, (width,), True)
     return exp, problems
-
-
-def _linear_tensors(kind: str, oc: int, ic: int, md: str) -> dict | None:
-    table = {
-        "FLOAT": {"weight": (md, (oc, ic), True)},
-        "W8A16": {"weight": ("I8", (oc, ic), True), "weight_scale": ("F32", (oc,), True)},
-        "W4A16": {"weight": ("I8", (ic, oc // 2), True), "weight_scale": ("F32", None, True)},
-        "W8A8_DYNAMIC": {
-            "weight": ("I8", (oc, ic), True),
-            "weight_scale": ("F32", (oc,), True),
-            "smooth_scale": ("F32", (ic,), False),
-        },
-        "W8A8": {
-            "weight": ("I8", (oc, ic), True),
-            "deq_scale": ("F32", (oc,), True),
-            "quant_bias": ("I32", (oc,), True),
-            "input_scale": (md, (ic,), True),
-            "input_offset": ("I8", (ic,), True),
-            "weight_scale": ("F32", (oc,), True),
-        },
-    }
-    return dict(table[kind]) if kind in table else None
 
 
 def format_problems(spec: ArchSpec, src: tpx.UnifiedTensors, description: dict[str, str], model_dtype: str) -> list[str]:
@@ -239,7 +222,8 @@ def format_problems(spec: ArchSpec, src: tpx.UnifiedTensors, description: dict[s
                 )
         elif got_shape != tuple(shape):
             problems.append(f"{name}: shape {list(got_shape)}; a {kind} tensor of this model is {list(shape)}")
-        if kind == "W4A16" and name.endswith(".weight") and name not in int4:
+        fmt = format_of(kind)
+        if fmt is not None and fmt.int4 and name.endswith(".weight") and name not in int4:
             problems.append(f"{name}: W4A16 weight lacks the 'Int4' metadata tag in {src.file_of[name]}")
     return problems
 
@@ -249,7 +233,7 @@ def shared_input_problems(spec: ArchSpec, src: tpx.UnifiedTensors) -> list[str]:
     problems = []
     for i in range(spec.num_layers):
         prefix = spec.layer_prefix(i)
-        for members in INPUT_GROUPS.values():
+        for members in spec.layer(i).input_groups.values():
             for suffix in ("input_scale", "input_offset", "smooth_scale"):
                 have = [m for m in members if f"{prefix}{m}.{suffix}" in src.file_of]
                 if len(have) < 2:
@@ -373,7 +357,6 @@ class TPModel:
         self.smap = tpx.read_shard_map(self.dir)
         self.tp = self.smap["tp"]
         self.files = [SafetensorsFile(self.dir / f"rank_{r}" / tpx.RANK_FILE) for r in range(self.tp)]
-        self.description = ref.description
 
     def _get(self, r: int, name: str) -> np.ndarray:
         f = self.files[r]
@@ -403,113 +386,50 @@ class TPModel:
         return ops.concat(parts, -1)
 
     def layer(self, i: int):
-        prefix = self.spec.layer_prefix(i)
-        ranks = [RankLayer(self, r, prefix) for r in range(self.tp)]
-        return lambda x: tp_decoder_layer(ranks, self.spec, self.tp, x, self.ref.rope)
+        """Decoder layer ``i`` as ``forward.decoder_layer`` with every linear computed rank by rank.
 
+        Column-parallel outputs are gathered from every rank, copies included: with more ranks than
+        kv heads each rank's k/v head is its own copy, so the attention runs with ``tp`` kv heads
+        (rank r's q heads reading rank r's copy), as the ranks themselves compute it."""
+        from dist_ptq.model.forward import decoder_layer
 
-class RankLayer:
-    """Rank r's tensors of one decoder layer: float weights, reference linears, its K/V cache."""
+        prefix, layer, tp = self.spec.layer_prefix(i), self.spec.layer(i), self.tp
+        tensors = [{n[len(prefix):]: self._get(r, n) for n in f.keys() if n.startswith(prefix)}
+                   for r, f in enumerate(self.files)]
+        ranks = [self.ref.layer_linears(i, t) for t in tensors]
+        floats = ranks[0][0]  # norms are replicated (the round trip checked the copies agree)
+        spec = replace(self.spec, num_kv_heads=max(self.spec.num_kv_heads, tp))
+        scales = [np.concatenate([t[n] for t in tensors]) if n in tensors[0] else None
+                  for n in ("self_attn.k_scale", "self_attn.v_scale")]
+        kv = self.ref.layer_kv(i, *scales, num_kv_heads=spec.num_kv_heads)
+        linear = self._tp_linear(layer, ranks)
+        return lambda x: decoder_layer(floats, spec, x, self.ref.rope.cos_sin, self.ref.rope.mask, linear=linear, kv=kv)
 
-    def __init__(self, model: TPModel, r: int, prefix: str):
-        from dist_ptq.eval.quantized_linear import ReferenceLinear
-        from dist_ptq.model.forward import float_linear, to_tensor
-        from dist_ptq.quant.fake import kv_int8_dynamic, kv_int8_static
+    def _tp_linear(self, layer, ranks: list):
+        """The collectives of tensor parallelism around each rank's linear (see the module docstring)."""
+        from mindspore import ops
 
-        spec, desc = model.spec, model.description
-        t = {n[len(prefix):]: model._get(r, n) for n in model.files[r].keys() if n.startswith(prefix)}
-        self.floats = {n: to_tensor(a) for n, a in t.items() if desc.get(prefix + n) == "FLOAT"}
-        self.plain = float_linear(self.floats)
-        self.kinds, self.linears = {}, {}
-        for m in LINEARS:
-            kind = desc.get(prefix + m + ".weight", "FLOAT")
-            self.kinds[m] = kind
-            if kind != "FLOAT":
-                self.linears[m] = ReferenceLinear(kind, {n[len(m) + 1:]: a for n, a in t.items() if n.startswith(m + ".")})
-        self.heads = spec.num_heads // model.tp
-        self.kv_heads = spec.num_kv_heads // model.tp if spec.num_kv_heads % model.tp == 0 else 1
-        self.kv = None
-        if "self_attn.k_scale" in t:
-            self.kv = kv_int8_static(t["self_attn.k_scale"], t["self_attn.v_scale"], self.kv_heads, spec.head_dim)
-        else:
-            kv_cfg = model.ref.cfg.config_for(prefix + "self_attn")
-            if kv_cfg is not None and kv_cfg.kv_description_type() == "C8_DYNAMIC":
-                self.kv = kv_int8_dynamic
+        tp = self.tp
 
-    def linear(self, name: str, x):
-        return self.linears[name](x) if name in self.linears else self.plain(name, x)
+        def linear(name: str, x):
+            if layer.linear(name).parallel == COLUMN:  # each rank its output channels: all-gather
+                return ops.concat([rk[2](name, x) for rk in ranks], -1)
+            k = x.shape[-1] // tp  # row parallel: each rank its input slice, partial sums all-reduced
+            xs = [x[..., r * k:(r + 1) * k] for r in range(tp)]
+            lins = [rk[1].get(name) for rk in ranks]
+            if lins[0] is not None and lins[0].act is Act.DYNAMIC:
+                xs = [lin.smoothed(xr) for lin, xr in zip(lins, xs)]
+                absmax = None
+                for xr in xs:  # the row's per-token absmax: an all-reduce max across ranks
+                    a = ops.amax(ops.abs(xr), -1, True)
+                    absmax = a if absmax is None else ops.maximum(absmax, a)
+                parts = [lin.dynamic(xr, absmax) for lin, xr in zip(lins, xs)]
+                parts = [y + lin.bias if lin.bias is not None else y for lin, y in zip(lins, parts)]
+            else:
+                parts = [rk[2](name, xr) for rk, xr in zip(ranks, xs)]
+            out = parts[0]
+            for y in parts[1:]:
+                out = out + y
+            return out
 
-
-def _int_matmul(xq, wq_t):
-    from mindspore import ops
-
-    acc = ops.matmul(xq.reshape(-1, xq.shape[-1]), wq_t)
-    return acc.reshape(*xq.shape[:-1], wq_t.shape[-1])
-
-
-def row_parallel(ranks: list[RankLayer], name: str, inputs: list):
-    """Σ_r rank r's linear on its input slice (an all-reduce of partial sums)."""
-    import mindspore as ms
-    from mindspore import ops
-
-    if ranks[0].kinds[name] == "W8A8_DYNAMIC":
-        lins = [rk.linears[name] for rk in ranks]
-        xs = [x * lin.smooth if lin.smooth is not None else x for lin, x in zip(lins, inputs)]
-        t = None
-        for x in xs:  # the row's per-token absmax: an all-reduce max across ranks
-            a = ops.amax(ops.abs(x), -1, True)
-            t = a if t is None else ops.maximum(t, a)
-        t = t / 127.0
-        t = ops.select(t > 0, t, ops.ones_like(t))
-        out = None
-        for lin, x in zip(lins, xs):
-            xq = ops.clamp(ops.round(x / t), -127.0, 127.0).astype(ms.int32)
-            y = _int_matmul(xq, lin.wq_t).astype(ms.float32) * t * lin.w_scale
-            y = y + lin.bias if lin.bias is not None else y
-            out = y if out is None else out + y
-        return out
-    out = None
-    for rk, x in zip(ranks, inputs):
-        y = rk.linear(name, x)
-        out = y if out is None else out + y
-    return out
-
-
-def tp_decoder_layer(ranks: list[RankLayer], spec: ArchSpec, tp: int, x, rope):
-    """``forward.decoder_layer`` with each rank computing its heads and its slice of the MLP."""
-    from mindspore import ops
-
-    from dist_ptq.model.forward import rms_norm, rotate_half
-
-    assert set(ROW_PARALLEL) == {"self_attn.o_proj", "mlp.down_proj"}
-    b, s, _ = x.shape
-    d, eps = spec.head_dim, spec.rms_norm_eps
-    cos, sin = rope.cos_sin[0][:s], rope.cos_sin[1][:s]
-    attn_out = []
-    for rk in ranks:
-        nh, nkv = rk.heads, rk.kv_heads
-        h = rms_norm(x, rk.floats["input_layernorm.weight"], eps)
-        q = rk.linear("self_attn.q_proj", h).reshape(b, s, nh, d)
-        k = rk.linear("self_attn.k_proj", h).reshape(b, s, nkv, d)
-        v = rk.linear("self_attn.v_proj", h).reshape(b, s, nkv, d)
-        if spec.qk_norm:
-            q = rms_norm(q, rk.floats["self_attn.q_norm.weight"], eps)
-            k = rms_norm(k, rk.floats["self_attn.k_norm.weight"], eps)
-        q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if rk.kv:
-            k, v = rk.kv(k, v)
-        rep = nh // nkv
-        if rep > 1:
-            k = ops.broadcast_to(k.reshape(b, nkv, 1, s, d), (b, nkv, rep, s, d)).reshape(b, nh, s, d)
-            v = ops.broadcast_to(v.reshape(b, nkv, 1, s, d), (b, nkv, rep, s, d)).reshape(b, nh, s, d)
-        scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / float(np.sqrt(d))) + rope.mask[:s, :s]
-        attn = ops.matmul(ops.softmax(scores, -1), v)
-        attn_out.append(ops.transpose(attn, (0, 2, 1, 3)).reshape(b, s, nh * d))
-    x = x + row_parallel(ranks, "self_attn.o_proj", attn_out)
-    acts = []
-    for rk in ranks:
-        h = rms_norm(x, rk.floats["post_attention_layernorm.weight"], eps)
-        acts.append(ops.silu(rk.linear("mlp.gate_proj", h)) * rk.linear("mlp.up_proj", h))
-    return x + row_parallel(ranks, "mlp.down_proj", acts)
+        return linear

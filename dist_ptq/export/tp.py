@@ -46,8 +46,9 @@ import numpy as np
 
 from dist_ptq.errors import CheckpointError, ConfigError, OutputError
 from dist_ptq.export import unified
-from dist_ptq.model.arch import COLUMN_PARALLEL, LINEARS, ROW_PARALLEL, ArchSpec, load_spec
+from dist_ptq.model.arch import COLUMN, ArchSpec, load_spec
 from dist_ptq.model.safetensors_io import SafetensorsFile, write_safetensors
+from dist_ptq.quant.schemes import KV_TENSORS, Scheme, format_of, linear_scheme
 
 SHARD_MAP = "shard_map.json"
 RANK_FILE = "quant-model.safetensors"
@@ -55,10 +56,6 @@ SPLIT, REPLICATED, RANK0 = "split", "replicated", "rank0"
 SHARD_MAP_VERSION = 1
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_NORMS = {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight"}
-KV_CACHE = ("self_attn.k_scale", "self_attn.v_scale", "self_attn.k_offset", "self_attn.v_offset")
-_INPUT_SIDE = {"input_scale", "input_offset", "smooth_scale"}
-_OUTPUT_SIDE = {"weight", "weight_scale", "deq_scale", "quant_bias", "bias"}
 _VOCAB = {"model.embed_tokens.weight", "lm_head.weight"}
 
 
@@ -124,12 +121,6 @@ def _need_divisible(name: str, total: int, tp: int, what: str) -> None:
         )
 
 
-def _linear_dims(spec: ArchSpec, linear: str) -> tuple[int, int]:
-    """Logical (oc, ic) of a layer-local linear name."""
-    shape = spec.layer_shapes(0)["model.layers.0." + linear + ".weight"]
-    return shape[0], shape[1]
-
-
 def split_plan(
     name: str,
     shape: tuple[int, ...],
@@ -159,50 +150,43 @@ def split_plan(
             f"{name}: no tensor-parallel rule for this tensor; "
             f"expected embeddings, norms, lm_head or layer tensors"
         )
-    local = m.group(2)
-    if local in _NORMS:
+    layer, local = spec.layer(int(m.group(1))), m.group(2)
+    if local in layer.norms:
         return SplitPlan(REPLICATED)
-    if local in KV_CACHE:
+    if local in KV_TENSORS:
         _need_divisible(name, spec.num_heads, tp, "attention heads")
         return _checked(name, shape, SplitPlan(SPLIT, 0, kv_blocks(spec, tp, name)))
-    linear, _, suffix = local.rpartition(".")
-    if linear not in LINEARS or suffix not in _INPUT_SIDE | _OUTPUT_SIDE:
+    linear_name, _, suffix = local.rpartition(".")
+    linear, fmt = layer.linear(linear_name), format_of(description_type)
+    slot = fmt.slot(suffix) if fmt is not None and linear is not None else None
+    if slot is None:
         raise CheckpointError(
             f"{name}: no tensor-parallel rule for this tensor; "
             f"expected a linear's weight, bias or quantization tensor"
         )
-    int4 = description_type == "W4A16" and suffix in ("weight", "weight_scale")
-    oc, ic = _linear_dims(spec, linear)
-    # the stored axis carrying the logical output / input dim
-    out_axis, in_axis = (1, 0) if int4 else (0, 1 if len(shape) == 2 else 0)
+    oc, ic = layer.dims(linear_name)
+    out_axis, in_axis = slot.axis("oc"), slot.axis("ic")
 
-    if linear in COLUMN_PARALLEL:
-        if suffix in _INPUT_SIDE:
+    if linear.parallel == COLUMN:
+        if out_axis is None:  # input side: every rank reads the whole input
             return SplitPlan(REPLICATED)
-        if linear in ("self_attn.k_proj", "self_attn.v_proj"):
-            _need_divisible(name, spec.num_heads, tp, "attention heads")
-            blocks = kv_blocks(spec, tp, name)
-        elif linear == "self_attn.q_proj":
-            _need_divisible(name, spec.num_heads, tp, "attention heads")
-            blocks = tp
-        else:
-            _need_divisible(name, oc, tp, "output channels")
-            blocks = tp
+        _need_divisible(name, *((spec.num_heads, tp, "attention heads") if linear.split_by != "channels"
+                                else (oc, tp, "output channels")))
+        blocks = kv_blocks(spec, tp, name) if linear.split_by == "kv_heads" else tp
         return _checked(name, shape, SplitPlan(SPLIT, out_axis, blocks))
 
-    assert linear in ROW_PARALLEL
-    if suffix in ("quant_bias", "bias"):
+    if slot.once:
         return SplitPlan(RANK0)
     # per-channel scales multiply whole output channels: the same on every rank (W4A16 per channel too)
-    per_channel = not int4 or (suffix == "weight_scale" and shape[:1] == (1,)) or group_size in (0, ic)
-    if suffix in ("deq_scale", "weight_scale") and per_channel:
+    per_channel = not slot.grouped or shape[:1] == (1,) or group_size in (0, ic)
+    if in_axis is None or (slot.grouped and per_channel):
         return SplitPlan(REPLICATED)
-    if linear == "self_attn.o_proj":
+    if linear.split_by == "q_heads":
         _need_divisible(name, spec.num_heads, tp, "attention heads")
     else:
         _need_divisible(name, ic, tp, "input channels")
-    if int4 and not per_channel:
-        groups = shape[0] if suffix == "weight_scale" else None
+    if fmt.int4 and suffix in ("weight", "weight_scale") and not (group_size in (0, ic) or shape[:1] == (1,) and slot.grouped):
+        groups = shape[0] if slot.grouped else None
         g = group_size if group_size is not None else (ic // groups if groups else None)
         if g is not None and (ic // tp) % g:
             raise CheckpointError(
@@ -273,8 +257,9 @@ def group_sizes(shapes: dict[str, tuple[int, ...]], description: dict[str, str],
         if name.endswith(".weight_scale") and description.get(name) == "W4A16" and len(shape) == 2 and shape[0]:
             prefix = name[: -len(".weight_scale")]
             m = _LAYER.fullmatch(prefix)
-            if m and m.group(2) in LINEARS:
-                out[prefix] = _linear_dims(spec, m.group(2))[1] // shape[0]
+            layer = spec.layer(int(m.group(1))) if m else None
+            if layer is not None and layer.linear(m.group(2)) is not None:
+                out[prefix] = layer.dims(m.group(2))[1] // shape[0]
     return out
 
 
@@ -286,7 +271,7 @@ def plan_tensors(
     plans = {}
     for name in sorted(shapes):
         prefix = name.rsplit(".", 1)[0]
-        plans[name] = split_plan(name, shapes[name], description.get(name, "FLOAT"), spec, tp, groups.get(prefix))
+        plans[name] = split_plan(name, shapes[name], description.get(name, Scheme.FLOAT), spec, tp, groups.get(prefix))
     return plans
 
 
@@ -298,16 +283,14 @@ def check_config(spec: ArchSpec, cfg, tp: int) -> None:
         raise ConfigError(f"--tp must be a positive integer, got {tp!r}")
     if cfg.backend is not BackendTarget.ASCEND:
         raise ConfigError("--tp needs backend: ascend (the Golden-Stick layout with quantization_description.json)")
-    shapes, description, groups = {}, {}, {}
-    for name, shape in spec.global_shapes().items():
-        shapes[name] = shape
+    shapes, description, groups = dict(spec.global_shapes()), {}, {}
     for i in range(spec.num_layers):
-        prefix = spec.layer_prefix(i)
-        for m in LINEARS:
+        prefix, layer = spec.layer_prefix(i), spec.layer(i)
+        for m in layer.linear_names:
             c = cfg.config_for(prefix + m)
-            kind = c.description_type() if c is not None else "FLOAT"
-            oc, ic = _linear_dims(spec, m)
-            if kind == "W4A16":
+            kind = linear_scheme(c)
+            oc, ic = layer.dims(m)
+            if kind is Scheme.W4A16:
                 g = c.group_size or ic
                 shapes[prefix + m + ".weight"] = (ic, oc // 2)
                 shapes[prefix + m + ".weight_scale"] = (ic // g, oc)
@@ -316,7 +299,7 @@ def check_config(spec: ArchSpec, cfg, tp: int) -> None:
             else:
                 shapes[prefix + m + ".weight"] = (oc, ic)
     for name in sorted(shapes):
-        split_plan(name, shapes[name], description.get(name, "FLOAT"), spec, tp, groups.get(name.rsplit(".", 1)[0]))
+        split_plan(name, shapes[name], description.get(name, Scheme.FLOAT), spec, tp, groups.get(name.rsplit(".", 1)[0]))
 
 
 # --------------------------------------------------------------------------------------- manifest
@@ -459,13 +442,9 @@ def shard(quant_dir: Path | str, tp: int, overwrite: bool = False) -> Path:
         unified.write_json_atomic(partial / SHARD_MAP, shard_map)
     finally:
         src.close()
-    _replace(partial, out)
+    unified.replace_dir(partial, out)
     unified.write_manifest(quant_dir)
     return out
-
-
-def _replace(partial: Path, out: Path) -> None:
-    unified.replace_dir(partial, out)
 
 
 # ------------------------------------------------------------------------------------------ merge
@@ -554,5 +533,5 @@ def merge(tp_dir: Path | str, out_dir: Path | str, overwrite: bool = False) -> P
     if smap.get("record") is not None:
         unified.write_json_atomic(partial / unified.RECORD, smap["record"])
     unified.write_manifest(partial)
-    _replace(partial, out_dir)
+    unified.replace_dir(partial, out_dir)
     return out_dir

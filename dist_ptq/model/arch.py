@@ -18,24 +18,64 @@ from dist_ptq.errors import CheckpointError, UnsupportedModelError
 # model_type -> (q/k/v bias, q_norm/k_norm)
 FAMILIES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
 
-# Linears grouped by the activation that feeds them. Key = the tap name the forward reports.
-INPUT_GROUPS: dict[str, tuple[str, ...]] = {
-    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o_in": ("self_attn.o_proj",),
-    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
-    "down_in": ("mlp.down_proj",),
-}
-LINEARS: tuple[str, ...] = tuple(name for group in INPUT_GROUPS.values() for name in group)
-COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+COLUMN, ROW = "column", "row"  # tensor-parallel kinds: split on the output dim / on the input dim
 
 
-def input_group_of(linear: str) -> str:
-    """The tap name of the activation feeding ``linear`` (a layer-local name such as 'mlp.up_proj')."""
-    for group, members in INPUT_GROUPS.items():
-        if linear in members:
-            return group
-    raise KeyError(linear)
+@dataclass(frozen=True)
+class LinearSpec:
+    """One linear of a decoder layer: the input it reads and how tensor parallelism splits it."""
+
+    name: str  # layer-local HF name, e.g. 'self_attn.q_proj'
+    group: str  # the tap of the activation feeding it (linears of one group share that input)
+    parallel: str  # COLUMN or ROW
+    split_by: str  # what its split dim is made of: 'q_heads', 'kv_heads' (one head's rows stay together) or 'channels'
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The shape of one decoder layer: its tensors, its linears by input, where AWQ folds, its norms.
+
+    Layers of one model may differ (dense first layers, MoE later), so specs are asked per layer."""
+
+    shapes: dict[str, tuple[int, ...]]  # every tensor, layer-local names
+    linears: tuple[LinearSpec, ...]
+    fold_into: dict[str, str]  # input group -> the producer AWQ's 1/s is folded into (a norm weight or a linear)
+    norms: tuple[str, ...]  # float tensors every tensor-parallel rank holds whole
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(lin.name for lin in self.linears)
+
+    @property
+    def input_groups(self) -> dict[str, tuple[str, ...]]:
+        """Tap name -> the linears reading that activation, in forward order."""
+        groups: dict[str, tuple[str, ...]] = {}
+        for lin in self.linears:
+            groups[lin.group] = groups.get(lin.group, ()) + (lin.name,)
+        return groups
+
+    def linear(self, name: str) -> LinearSpec | None:
+        return next((lin for lin in self.linears if lin.name == name), None)
+
+    def dims(self, name: str) -> tuple[int, int]:
+        """Logical (oc, ic) of a linear."""
+        oc, ic = self.shapes[name + ".weight"]
+        return oc, ic
+
+
+# The dense decoder layer of Llama / Qwen2 / Qwen3, linears grouped by the activation that feeds them
+# (as the GPTQ reference's llama.py lists them) instead of a traced module graph.
+_DENSE_LINEARS = (
+    LinearSpec("self_attn.q_proj", "attn_in", COLUMN, "q_heads"),
+    LinearSpec("self_attn.k_proj", "attn_in", COLUMN, "kv_heads"),
+    LinearSpec("self_attn.v_proj", "attn_in", COLUMN, "kv_heads"),
+    LinearSpec("self_attn.o_proj", "o_in", ROW, "q_heads"),
+    LinearSpec("mlp.gate_proj", "mlp_in", COLUMN, "channels"),
+    LinearSpec("mlp.up_proj", "mlp_in", COLUMN, "channels"),
+    LinearSpec("mlp.down_proj", "down_in", ROW, "channels"),
+)
+_DENSE_FOLD_INTO = {"attn_in": "input_layernorm.weight", "o_in": "self_attn.v_proj",
+                    "mlp_in": "post_attention_layernorm.weight", "down_in": "mlp.up_proj"}
 
 
 @dataclass(frozen=True)
@@ -60,8 +100,8 @@ class ArchSpec:
     def layer_prefix(self, i: int) -> str:
         return f"model.layers.{i}."
 
-    def layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
-        """Every tensor of decoder layer ``i``, full HF names, with its shape."""
+    def layer(self, i: int) -> LayerSpec:
+        """The shape of decoder layer ``i`` (layer-local names)."""
         h, d = self.hidden_size, self.head_dim
         q, kv, f = self.num_heads * d, self.num_kv_heads * d, self.intermediate_size
         local: dict[str, tuple[int, ...]] = {
@@ -77,10 +117,16 @@ class ArchSpec:
         }
         if self.qkv_bias:
             local.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        norms = ("input_layernorm.weight", "post_attention_layernorm.weight")
         if self.qk_norm:
             local.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+            norms += ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+        return LayerSpec(shapes=local, linears=_DENSE_LINEARS, fold_into=_DENSE_FOLD_INTO, norms=norms)
+
+    def layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        """Every tensor of decoder layer ``i``, full HF names, with its shape."""
         p = self.layer_prefix(i)
-        return {p + k: v for k, v in local.items()}
+        return {p + k: v for k, v in self.layer(i).shapes.items()}
 
     def global_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size), "model.norm.weight": (self.hidden_size,)}

@@ -11,7 +11,8 @@ import numpy as np
 from mindspore import ops
 
 from dist_ptq.model.forward import KVFn, LinearFn, float_linear, matmul_t, to_tensor
-from dist_ptq.quant.layer import QuantizedLayer
+from dist_ptq.quant.quantized import QuantizedLayer
+from dist_ptq.quant.schemes import FORMATS, Act, KVScheme
 
 
 def fake_quant_per_token(x: ms.Tensor, axis: int = -1) -> ms.Tensor:
@@ -36,6 +37,7 @@ def fake_linear(ql: QuantizedLayer, float_weights: dict[str, ms.Tensor]) -> Line
     for name, lin in ql.linears.items():
         prepared[name] = (
             lin,
+            FORMATS[lin.kind].act,
             to_tensor(lin.w_dq),
             None if lin.bias is None else to_tensor(lin.bias),
             None if lin.input_scale is None else to_tensor(lin.input_scale),
@@ -45,11 +47,11 @@ def fake_linear(ql: QuantizedLayer, float_weights: dict[str, ms.Tensor]) -> Line
     def linear(name: str, x: ms.Tensor) -> ms.Tensor:
         if name not in prepared:
             return plain(name, x)
-        lin, w, bias, input_scale, smooth = prepared[name]
-        if lin.kind == "W8A8":
+        lin, act, w, bias, input_scale, smooth = prepared[name]
+        if act is Act.STATIC:
             xq = ops.clamp(ops.round(x / input_scale) + float(lin.x_offset), -128.0, 127.0)
             x = (xq - float(lin.x_offset)) * lin.x_scale
-        elif lin.kind == "W8A8_DYNAMIC":
+        elif act is Act.DYNAMIC:
             x = fake_quant_per_token(x * smooth if smooth is not None else x)
         elif smooth is not None:  # weight-only with an AWQ scale that could not be folded
             x = x * smooth
@@ -77,8 +79,8 @@ def kv_int8_dynamic(k: ms.Tensor, v: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
 
 
 def fake_kv(ql: QuantizedLayer, num_kv_heads: int, head_dim: int) -> KVFn | None:
-    if ql.kv == "C8_DYNAMIC":
+    if ql.kv is KVScheme.C8_DYNAMIC:
         return kv_int8_dynamic
-    if ql.kv == "C8":
+    if ql.kv is KVScheme.C8:
         return kv_int8_static(ql.tensors["self_attn.k_scale"], ql.tensors["self_attn.v_scale"], num_kv_heads, head_dim)
     return None

@@ -17,21 +17,24 @@ from __future__ import annotations
 
 from collections import ChainMap
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from dist_ptq.config import (AWQConfig, GPTQQuantConfig, OutliersSuppressionType, PrecisionRecovery, PTQConfig,
                              QuantGranularity, SmoothQuantConfig)
 from dist_ptq.errors import CalibrationError, ConfigError
-from dist_ptq.model.arch import INPUT_GROUPS, LINEARS, ArchSpec
+from dist_ptq.model.arch import ArchSpec, LayerSpec
 from dist_ptq.quant import primitives as P
 from dist_ptq.quant.awq import awq_search
 from dist_ptq.quant.clip import clip_search
 from dist_ptq.quant.gptq import gptq_quantize
 from dist_ptq.quant.kvcache import static_kv_scales
 from dist_ptq.quant.observers import LayerStats
+from dist_ptq.quant.quantized import QuantizedLayer, QuantLinear, Recovery
+from dist_ptq.quant.schemes import FORMATS, MODEL, KVScheme, Scheme, kv_scheme, linear_scheme
 from dist_ptq.quant.smooth import smooth_scale
+
+__all__ = ["QuantizedLayer", "QuantLinear", "Recovery", "check_group_size", "quantize_layer", "round_to_dtype"]
 
 
 def round_to_dtype(a: np.ndarray, tag: str) -> np.ndarray:
@@ -44,51 +47,6 @@ def round_to_dtype(a: np.ndarray, tag: str) -> np.ndarray:
     if tag == "F16":
         return a.astype(np.float16).astype(np.float32)
     return a
-
-
-@dataclass
-class Recovery:
-    """What the searches and the GPTQ solve settled on for one linear (numbers for the layer report)."""
-
-    awq_alpha: float | None = None  # None: no AWQ, or plain RTN (s = 1) scored best
-    clip_ratio_mean: float | None = None  # mean chosen clip ratio, None when no clip search ran
-    gptq_damp: float | None = None  # damp_percent used, None without GPTQ
-    gptq_damp_raises: int | None = None
-    gptq_loss: float | None = None
-
-
-@dataclass
-class QuantLinear:
-    """One quantized linear, in the float terms the fake-quant forward needs."""
-
-    kind: str  # W8A16 | W4A16 | W8A8 | W8A8_DYNAMIC
-    q: np.ndarray  # (oc, ic) int8 values (int4 ones too, unpacked)
-    scale: np.ndarray  # (oc,) per channel or (oc, ic/g) per group
-    bias: np.ndarray | None = None
-    input_scale: np.ndarray | None = None  # W8A8: (ic,) as stored (model dtype), smoothing folded in
-    x_scale: float | None = None  # W8A8: the per-tensor activation scale
-    x_offset: int | None = None
-    smooth_scale: np.ndarray | None = None  # W8A8_DYNAMIC, AWQ weight-only: x is multiplied by it first
-    recovery: Recovery = field(default_factory=Recovery)
-
-    @property
-    def w_dq(self) -> np.ndarray:
-        """(oc, ic) dequantized weight, applied to the (smoothed) input; computed on demand so a
-        data-free run never holds a float copy of every weight."""
-        return P.dequantize_weight(self.q, self.scale)
-
-
-@dataclass
-class QuantizedLayer:
-    tensors: dict[str, np.ndarray]  # layer-local names, on-disk values
-    description: dict[str, str]  # layer-local name → SPEC §3 type
-    model_dtype: set[str]  # float tensors stored in the model dtype (others keep their numpy dtype)
-    int4: set[str] = field(default_factory=set)  # packed int4 tensors (tagged Int4)
-    linears: dict[str, QuantLinear] = field(default_factory=dict)
-    kv: str | None = None  # C8 | C8_DYNAMIC | None
-    float_overrides: dict[str, np.ndarray] = field(default_factory=dict)  # FLOAT tensors AWQ changed, as stored
-
-
 
 
 def _need(stats: LayerStats | None, tap: str, layer: int):
@@ -134,12 +92,7 @@ def _group_configs(index: int, prefix: str, members: tuple[str, ...], cfg: PTQCo
     return cfgs, act
 
 
-# the producer of each input that AWQ's 1/s is folded into: a norm weight, or a linear's output rows
-_FOLD_INTO = {"attn_in": "input_layernorm.weight", "o_in": "self_attn.v_proj",
-              "mlp_in": "post_attention_layernorm.weight", "down_in": "mlp.up_proj"}
-
-
-def _apply_awq(index: int, w: ChainMap, groups: dict, stats: LayerStats | None):
+def _apply_awq(index: int, w: ChainMap, groups: dict, stats: LayerStats | None, layer: LayerSpec):
     """Search every AWQ group on the source weights, then fold the scales into ``w`` (a working copy).
 
     Returns (group → (s, α), names of changed tensors, linear → smooth_scale for unfoldable inputs)."""
@@ -152,16 +105,17 @@ def _apply_awq(index: int, w: ChainMap, groups: dict, stats: LayerStats | None):
                                      c0.weight_bits, c0.group_size, a.smooth_alpha, a.duo_scaling)
             searched[group] = (s, alpha)
     changed, smooth = set(), {}
+    readers = layer.input_groups
     for group, (s, _) in searched.items():
-        for m in INPUT_GROUPS[group]:  # every reader of the input, quantized or not, keeps the function
+        for m in readers[group]:  # every reader of the input, quantized or not, keeps the function
             w[m + ".weight"] = (w[m + ".weight"] * s[None, :]).astype(np.float32)
             changed.add(m + ".weight")
-        target = _FOLD_INTO[group]
+        target = layer.fold_into[group]
         if target.endswith(".weight"):
             w[target] = (w[target] / s).astype(np.float32)
             changed.add(target)
-        elif w[target + ".weight"].shape[0] != w[INPUT_GROUPS[group][0] + ".weight"].shape[1]:
-            smooth[INPUT_GROUPS[group][0]] = (1.0 / s).astype(np.float32)  # GQA: v's rows are not o's inputs
+        elif w[target + ".weight"].shape[0] != w[readers[group][0] + ".weight"].shape[1]:
+            smooth[readers[group][0]] = (1.0 / s).astype(np.float32)  # GQA: v's rows are not o's inputs
         else:
             for name, div in ((target + ".weight", s[:, None]), (target + ".bias", s)):
                 if name in w:
@@ -212,16 +166,15 @@ def quantize_layer(
 
     ``weights`` may read tensors on access (``Checkpoint.layer_lazy``): without calibration every
     tensor is then looked up once and dropped once quantized, so one float linear is held at a time."""
-    prefix = spec.layer_prefix(index)
+    prefix, layer = spec.layer_prefix(index), spec.layer(index)
     out = QuantizedLayer(tensors={}, description={}, model_dtype=set())
     quantized = set()
-    groups = {g: _group_configs(index, prefix, members, cfg) for g, members in INPUT_GROUPS.items()}
-    shapes = spec.layer_shapes(index)
+    groups = {g: _group_configs(index, prefix, members, cfg) for g, members in layer.input_groups.items()}
     for cfgs, _ in groups.values():
         for m, c in cfgs.items():
-            check_group_size(prefix + m, shapes[prefix + m + ".weight"][1], c.group_size)
+            check_group_size(prefix + m, layer.dims(m)[1], c.group_size)
     work = ChainMap({}, weights)  # AWQ's changed tensors over the source
-    awq, changed, awq_smooth = _apply_awq(index, work, groups, stats)
+    awq, changed, awq_smooth = _apply_awq(index, work, groups, stats, layer)
 
     for group, (cfgs, act) in groups.items():
         s = None
@@ -244,37 +197,25 @@ def quantize_layer(
             ws, q, rec = _quantize_weight(w, c, stats, group, x_div, index, prefix + m)
             if group in awq:
                 rec.awq_alpha = awq[group][1]
-            kind = c.description_type()
-            lin = QuantLinear(kind=kind, q=q, scale=ws, recovery=rec)
-            t: dict[str, np.ndarray] = {}
-            if c.weight_bits == 4:
-                t[".weight"] = P.pack_int4(q)
-                t[".weight_scale"] = np.ascontiguousarray((ws if ws.ndim == 2 else ws[:, None]).T)
-                out.int4.add(m + ".weight")
-            else:
-                t[".weight"] = q
-                t[".weight_scale"] = ws
-            if kind == "W8A8":
+            fmt = FORMATS[linear_scheme(c)]
+            lin = QuantLinear(kind=fmt.scheme, q=q, scale=ws, recovery=rec)
+            if m in act and static:
                 lin.x_scale, lin.x_offset, lin.input_scale = float(x_scale), x_offset, input_scale
-                t[".deq_scale"] = (np.float32(x_scale) * ws).astype(np.float32)
-                t[".quant_bias"] = (-x_offset * q.astype(np.int64).sum(1)).astype(np.int32)
-                t[".input_scale"] = input_scale
-                t[".input_offset"] = np.full(w.shape[1], x_offset, np.int8)
-                out.model_dtype.add(m + ".input_scale")
-            elif kind == "W8A8_DYNAMIC" and s is not None:
+            elif m in act and s is not None:
                 lin.smooth_scale = (1.0 / s).astype(np.float32)
-                t[".smooth_scale"] = lin.smooth_scale
             elif m in awq_smooth:
                 lin.smooth_scale = awq_smooth[m]
-                t[".smooth_scale"] = lin.smooth_scale
             if m + ".bias" in weights:
                 bias = work[m + ".bias"]
                 lin.bias = round_to_dtype(bias, model_dtype) if m + ".bias" in changed else bias
-                t[".bias"] = lin.bias
-                out.model_dtype.add(m + ".bias")
-            for suffix, arr in t.items():
-                out.tensors[m + suffix] = arr
-                out.description[m + suffix] = kind
+            for suffix, arr in fmt.encode(lin).items():
+                name = m + "." + suffix
+                out.tensors[name] = arr
+                out.description[name] = fmt.scheme
+                if fmt.slot(suffix).dtype == MODEL:
+                    out.model_dtype.add(name)
+            if fmt.int4:
+                out.int4.add(m + ".weight")
             out.linears[m] = lin
             quantized.add(m)
             del w  # before the next linear is read: one float linear at a time
@@ -287,14 +228,13 @@ def quantize_layer(
         if name in changed:
             value = out.float_overrides[name] = round_to_dtype(work[name], model_dtype)
         out.tensors[name] = value
-        out.description[name] = "FLOAT"
+        out.description[name] = Scheme.FLOAT
         out.model_dtype.add(name)
 
-    kv_cfg = cfg.config_for(prefix + "self_attn")
-    out.kv = kv_cfg.kv_description_type() if kv_cfg is not None else None
-    if out.kv == "C8":
+    out.kv = kv_scheme(cfg, prefix)
+    if out.kv is KVScheme.C8:
         kv = static_kv_scales(_need(stats, "k", index).absmax, _need(stats, "v", index).absmax)
         out.tensors.update(kv)
-        out.description.update({n: "C8" for n in kv})
-    assert set(LINEARS) >= quantized
+        out.description.update({n: KVScheme.C8 for n in kv})
+    assert set(layer.linear_names) >= quantized
     return out

@@ -12,7 +12,8 @@ import numpy as np
 
 from dist_ptq.config import BackendTarget
 from dist_ptq.model.forward import decoder_layer
-from dist_ptq.quant.layer import QuantizedLayer, Recovery
+from dist_ptq.quant.quantized import QuantizedLayer, Recovery
+from dist_ptq.quant.schemes import FORMATS, Act, KVScheme, Scheme
 from dist_ptq.quant.observers import LayerStats, kv_channels, observe
 
 
@@ -52,10 +53,10 @@ def deploy_tensors(ql: QuantizedLayer, backend: BackendTarget) -> tuple[dict[str
     if backend is BackendTarget.ASCEND:
         return ql.tensors, ql.model_dtype, ql.int4, ql.description
     # generic float checkpoint: every quantized weight replaced by its dequantized value
-    tensors = {n: a for n, a in ql.tensors.items() if ql.description[n] == "FLOAT"}
+    tensors = {n: a for n, a in ql.tensors.items() if ql.description[n] == Scheme.FLOAT}
     for name, lin in ql.linears.items():
         w = lin.w_dq
-        if lin.input_scale is not None and lin.x_scale:
+        if FORMATS[lin.kind].act is Act.STATIC and lin.x_scale:
             w = w * (np.float32(lin.x_scale) / lin.input_scale.astype(np.float32))[None, :]
         elif lin.smooth_scale is not None:
             w = w * lin.smooth_scale[None, :]
@@ -69,17 +70,18 @@ def activation_record(ql: QuantizedLayer, prefix: str) -> dict:
     """Activation and K/V parameters of a layer, for dist_ptq.json when the backend is NONE."""
     rec = {}
     for name, lin in ql.linears.items():
-        if lin.kind == "W8A8":
-            rec[prefix + name] = {"type": "W8A8", "x_scale": lin.x_scale, "x_offset": lin.x_offset,
+        act = FORMATS[lin.kind].act
+        if act is Act.STATIC:
+            rec[prefix + name] = {"type": lin.kind, "x_scale": lin.x_scale, "x_offset": lin.x_offset,
                                   "input_scale": [float(v) for v in lin.input_scale]}
-        elif lin.kind == "W8A8_DYNAMIC":
-            rec[prefix + name] = {"type": "W8A8_DYNAMIC",
+        elif act is Act.DYNAMIC:
+            rec[prefix + name] = {"type": lin.kind,
                                   "smooth_scale": None if lin.smooth_scale is None else [float(v) for v in lin.smooth_scale]}
-    if ql.kv == "C8":
-        rec[prefix + "self_attn"] = {"type": "C8", "k_scale": [float(v) for v in ql.tensors["self_attn.k_scale"]],
+    if ql.kv is KVScheme.C8:
+        rec[prefix + "self_attn"] = {"type": ql.kv, "k_scale": [float(v) for v in ql.tensors["self_attn.k_scale"]],
                                      "v_scale": [float(v) for v in ql.tensors["self_attn.v_scale"]]}
-    elif ql.kv == "C8_DYNAMIC":
-        rec[prefix + "self_attn"] = {"type": "C8_DYNAMIC"}
+    elif ql.kv is KVScheme.C8_DYNAMIC:
+        rec[prefix + "self_attn"] = {"type": ql.kv}
     return rec
 
 

@@ -70,18 +70,18 @@ def plan_stages(per_layer: list[int], embed_bytes: int, head_bytes: int, workers
 
 
 def replica_batches(num_batches: int, replicas: int, replica: int) -> list[int]:
+    """The micro-batches replica ``replica`` of every stage takes: b ≡ replica (mod replicas)."""
     return [b for b in range(num_batches) if b % replicas == replica]
 
 
 def check_group_sizes(spec: ArchSpec, cfg) -> None:
     """Refuse, before anything is written, a group size that does not divide a quantized linear's input."""
-    from dist_ptq.model.arch import LINEARS
     from dist_ptq.quant.layer import check_group_size
 
     for i in range(spec.num_layers):
-        shapes = spec.layer_shapes(i)
-        for m in LINEARS:
+        layer = spec.layer(i)
+        for m in layer.linear_names:
             name = spec.layer_prefix(i) + m
             c = cfg.config_for(name)
             if c is not None and c.weight_quant_dtype is not None:
-                check_group_size(name, shapes[name + ".weight"][1], c.group_size)
+                check_group_size(name, layer.dims(m)[1], c.group_size)
