@@ -14,7 +14,7 @@ from dist_ptq.config import (
     load_yaml,
 )
 
-__version__ = "0.1.0"
+from dist_ptq.version import __version__
 
 
 def quantize(model_dir, config, out_dir, **kwargs) -> dict:

@@ -1,17 +1,66 @@
-"""`dist-ptq ...`: the command line. Each subcommand parses, calls one library function, prints."""
+"""`dist-ptq ...`: the command line. Each subcommand parses, calls one library function, prints.
+
+The ``DIST_PTQ_*`` environment variables are read here, once (:class:`Environment`), and passed down
+as parameters: the library itself reads none.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from dist_ptq.errors import CalibrationError, DistPTQError
+from dist_ptq.errors import CalibrationError, ConfigError, DistPTQError
+from dist_ptq.runtime.ray_cluster import PLACEMENT_TIMEOUT_S
+from dist_ptq.runtime.schedule import CHOICES, Schedule
+
+DEVICES = ("cpu", "ascend")
 
 
-def _eval(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Environment:
+    """What the environment sets for a run: defaults that flags and parameters can name explicitly."""
+
+    device: str = "cpu"  # DIST_PTQ_DEVICE: --device when not given; where eval and verify run
+    threads: int | None = None  # DIST_PTQ_THREADS: MindSpore CPU threads in this process (0: its default)
+    pin_cpu: bool = True  # DIST_PTQ_PIN_CPU=0: CPU Ray actors are left unpinned (runtime/cpu_pin.py)
+    placement_timeout_s: float = PLACEMENT_TIMEOUT_S  # DIST_PTQ_PLACEMENT_TIMEOUT: seconds to wait for NPU actors' placement
+
+    @classmethod
+    def read(cls, env: Mapping[str, str]) -> Environment:
+        device = env.get("DIST_PTQ_DEVICE", "cpu").lower()
+        if device not in DEVICES:
+            raise ConfigError(f"DIST_PTQ_DEVICE={device!r} is not one of: {', '.join(DEVICES)}")
+        threads = env.get("DIST_PTQ_THREADS", "0")
+        if not threads.isdigit():
+            raise ConfigError(f"DIST_PTQ_THREADS must be a non-negative integer, got {threads!r}")
+        pin = env.get("DIST_PTQ_PIN_CPU", "1")
+        if pin not in ("0", "1"):
+            raise ConfigError(f"DIST_PTQ_PIN_CPU must be 0 or 1, got {pin!r}")
+        timeout = env.get("DIST_PTQ_PLACEMENT_TIMEOUT", str(cls.placement_timeout_s))
+        try:
+            timeout_s = float(timeout)
+        except ValueError:
+            timeout_s = -1.0
+        if not timeout_s > 0:
+            raise ConfigError(f"DIST_PTQ_PLACEMENT_TIMEOUT must be a positive number of seconds, got {timeout!r}")
+        return cls(device=device, threads=int(threads) or None, pin_cpu=pin == "1", placement_timeout_s=timeout_s)
+
+
+def _driver_mindspore(env: Environment) -> None:
+    """Set MindSpore up in this process for the subcommands that compute here (eval, verify)."""
+    from dist_ptq.model.forward import configure_mindspore
+
+    configure_mindspore(env.threads, env.device)
+
+
+def _eval(args: argparse.Namespace, env: Environment) -> int:
     from dist_ptq.eval.run import evaluate
 
+    _driver_mindspore(env)
     ppl, n_tokens = evaluate(args.model_dir, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens, batch=args.batch)
     print(f"perplexity {ppl:.3f} over {n_tokens} tokens ({args.model_dir})")
     return 0
@@ -34,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-c", "--config", type=Path, required=True, help="PTQConfig YAML (see configs/)")
     q.add_argument("-o", "--out", type=Path, required=True, help="output directory (written via OUT.partial)")
     _calib_args(q)
-    q.add_argument("--schedule", choices=["auto", "pipeline", "sequential"], default="auto")
+    q.add_argument("--schedule", choices=[s.value for s in CHOICES], default=Schedule.AUTO.value)
     _cluster_args(q)
     q.add_argument("--stats", type=Path, default=None, help="reuse statistics written by `dist-ptq calibrate`")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -47,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", type=Path, required=True, help="statistics directory")
     _calib_args(c)
     _cluster_args(c)
-    c.add_argument("--hessian", action="store_true", help="also accumulate GPTQ Hessians (large: ic² floats per linear input)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_calibrate)
 
@@ -89,70 +137,67 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="pipeline stages (contiguous layer ranges)")
     p.add_argument("--replicas", type=int, default=1, help="replicas per stage; they split the calibration samples")
     p.add_argument("--address", default=None, help="join a Ray cluster: auto or HOST:PORT (default: embedded Ray)")
-    p.add_argument("--device", choices=["cpu", "ascend"], default="cpu")
+    p.add_argument("--device", choices=DEVICES, default=None, help="default: $DIST_PTQ_DEVICE, else cpu")
 
 
-def _calibrate(args: argparse.Namespace) -> int:
+def _runtime_args(args: argparse.Namespace, env: Environment) -> dict:
+    """Where and how the workers run: the cluster flags, then what the environment set."""
+    return dict(workers=args.workers, replicas=args.replicas, address=args.address, device=args.device or env.device,
+                threads=env.threads, pin_cpu=env.pin_cpu, placement_timeout_s=env.placement_timeout_s)
+
+
+def _calibrate(args: argparse.Namespace, env: Environment) -> int:
     from dist_ptq.runtime.coordinator import calibrate
 
     if args.calib is None:
         raise CalibrationError("calibrate needs calibration data: pass --calib FILE")
     out = calibrate(
         args.model_dir, args.out, args.calib, num_samples=args.num_samples, seq_len=args.seq_len, batch=args.batch,
-        workers=args.workers, replicas=args.replicas, address=args.address, device=args.device,
-        hessian=args.hessian, overwrite=args.overwrite,
+        overwrite=args.overwrite, **_runtime_args(args, env),
     )
     print(f"wrote statistics to {out}")
     return 0
 
 
-def _quantize(args: argparse.Namespace) -> int:
+def _quantize(args: argparse.Namespace, env: Environment) -> int:
     from dist_ptq.runtime.coordinator import quantize
+    from dist_ptq.runtime.progress import print_report
 
     report = quantize(
         args.model_dir, args.config, args.out, calib=args.calib, num_samples=args.num_samples,
-        seq_len=args.seq_len, schedule=args.schedule, batch=args.batch, workers=args.workers,
-        replicas=args.replicas, address=args.address, device=args.device, stats=args.stats,
-        overwrite=args.overwrite, resume=args.resume, tp=args.tp,
+        seq_len=args.seq_len, schedule=args.schedule, batch=args.batch, stats=args.stats,
+        overwrite=args.overwrite, resume=args.resume, tp=args.tp, **_runtime_args(args, env),
     )
     print_report(report)
     print(f"wrote {args.out}")
     return 0
 
 
-def print_report(report: dict) -> None:
-    print(f"{'layer':>5} {'seconds':>8} {'max rel err':>12} {'mean rel err':>13}")
-    for row in report["layers"]:
-        mx = "-" if row["max_rel_err"] is None else f"{row['max_rel_err']:.4f}"
-        mn = "-" if row["mean_rel_err"] is None else f"{row['mean_rel_err']:.4f}"
-        print(f"{row['layer']:>5} {row['seconds']:>8.2f} {mx:>12} {mn:>13}")
-    print(f"total {report['total_seconds']:.1f}s, schedule {report['schedule']}")
-
-
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace, env: Environment) -> int:
     from dist_ptq.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, device=env.device, threads=env.threads)
     return 0
 
 
-def _shard(args: argparse.Namespace) -> int:
+def _shard(args: argparse.Namespace, env: Environment) -> int:
     from dist_ptq.export.tp import shard
 
     print(f"wrote {shard(args.quant_dir, args.tp, overwrite=args.overwrite)}")
     return 0
 
 
-def _merge(args: argparse.Namespace) -> int:
+def _merge(args: argparse.Namespace, env: Environment) -> int:
     from dist_ptq.export.tp import merge
 
     print(f"wrote {merge(args.tp_dir, args.out, overwrite=args.overwrite)}")
     return 0
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _verify(args: argparse.Namespace, env: Environment) -> int:
     from dist_ptq.eval.verify import check
 
+    _driver_mindspore(env)
     report = check(args.dir)
     for problem in report.problems:
         print(problem)
@@ -163,7 +208,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def _inspect(args: argparse.Namespace, env: Environment) -> int:
     import json
 
     from dist_ptq.eval.inspect import format_table, inspect
@@ -176,7 +221,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return args.func(args, Environment.read(os.environ))
     except DistPTQError as e:
         print(f"dist-ptq: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from dist_ptq.assets import TINY_LLAMA
 from dist_ptq.config import OutliersSuppressionType, PTQConfig, SmoothQuantConfig
 from dist_ptq.eval.run import evaluate
 from dist_ptq.runtime.coordinator import quantize
+from dist_ptq.runtime.progress import print_report
 
 DEMO_CONFIG = PTQConfig(
     weight_quant_dtype=ms.int8,
@@ -20,11 +21,11 @@ DEMO_CONFIG = PTQConfig(
 )
 
 
-def run_demo(out: Path, max_tokens: int = 16384) -> tuple[float, float]:
+def run_demo(out: Path, max_tokens: int = 16384, device: str = "cpu", threads: int | None = None) -> tuple[float, float]:
+    """Quantize the bundled model into ``out`` and print float and quantized perplexity (returned too)."""
     print(f"quantizing {TINY_LLAMA} with W8A8 SmoothQuant + KV int8 into {out}")
-    from dist_ptq.cli import print_report
-
-    report = quantize(TINY_LLAMA, DEMO_CONFIG, out, calib=TINY_LLAMA / "calib.txt", num_samples=32, seq_len=256, overwrite=True)
+    report = quantize(TINY_LLAMA, DEMO_CONFIG, out, calib=TINY_LLAMA / "calib.txt", num_samples=32, seq_len=256,
+                      overwrite=True, device=device, threads=threads)
     print_report(report)
     valid = TINY_LLAMA / "valid.txt"
     ppl_f, n = evaluate(TINY_LLAMA, valid, max_tokens=max_tokens)

@@ -6,8 +6,8 @@ from dist_ptq.export.unified import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-# what dist_ptq's own embedded Ray sets: one thread per actor
-RAY_ENV = {"env_vars": {"OMP_NUM_THREADS": "1", "DIST_PTQ_THREADS": "1"}}
+# what dist_ptq's own embedded Ray sets (the actors get their MindSpore threads as a setting)
+RAY_ENV = {"env_vars": {"OMP_NUM_THREADS": "1"}}
 
 
 def manifest_without_report(out: Path) -> dict[str, str]:

@@ -12,6 +12,7 @@ import pytest
 from dist_ptq.cli import main
 from dist_ptq.errors import CalibrationError, CheckpointError, ConfigError, UnsupportedModelError
 from dist_ptq.model.checkpoint import Checkpoint
+from dist_ptq.model.forward import configure_mindspore
 from dist_ptq.model.safetensors_io import SafetensorsFile, float32_to_bf16_bits, write_safetensors
 from dist_ptq.model.synthetic import tiny_config, write_random_model
 from dist_ptq.runtime.coordinator import quantize
@@ -358,3 +359,16 @@ def test_existing_output_refused(capsys, model, tmp_path, text):
     assert f"{out}: an existing directory is already there; pass --overwrite" in line
     assert (out / "keep.txt").read_text() == "mine"
     shutil.rmtree(out)
+
+
+# ---------------------------------------------------------------------------------------- MindSpore
+
+
+def test_mindspore_set_up_for_another_device_is_refused():
+    configure_mindspore()  # this process: CPU (whichever test came first set it up the same way)
+    configure_mindspore(device="cpu")  # the same again: nothing to do
+    with pytest.raises(ConfigError, match=r"^MindSpore in this process is set up for device='cpu' threads=None; "
+                                          r"expected the same, got device='ascend' threads=None "):
+        configure_mindspore(device="ascend")
+    with pytest.raises(ConfigError, match=r"got device='cpu' threads=4 \(one device and thread count per process\)$"):
+        configure_mindspore(threads=4)

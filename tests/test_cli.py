@@ -4,7 +4,8 @@
 import numpy as np
 import pytest
 
-from dist_ptq.cli import main
+from dist_ptq.cli import Environment, main
+from dist_ptq.errors import ConfigError
 from dist_ptq.export.unified import MANIFEST
 from dist_ptq.model.synthetic import tiny_config, write_random_model
 from tests.common import CONFIGS
@@ -47,3 +48,40 @@ def test_calibrate_then_quantize_with_stats_and_tp(model, capsys):
     assert main(["merge", str(out / "tp2"), "-o", str(d / "merged")]) == 0
     assert main(["calibrate", str(m), "-o", str(d / "s2")]) == 2
     assert "--calib" in capsys.readouterr().err
+
+
+def test_environment_is_read_at_the_cli_and_passed_down(model, monkeypatch, capsys):
+    d, m = model
+    from dist_ptq.runtime import coordinator
+
+    got = {}
+
+    def fake_quantize(*args, **kwargs):
+        got.update(kwargs)
+        return {"layers": [], "total_seconds": 0.0, "schedule": "pipeline"}
+
+    monkeypatch.setattr(coordinator, "quantize", fake_quantize)
+    monkeypatch.setenv("DIST_PTQ_PIN_CPU", "0")
+    monkeypatch.setenv("DIST_PTQ_THREADS", "3")
+    monkeypatch.setenv("DIST_PTQ_PLACEMENT_TIMEOUT", "5")
+    monkeypatch.setenv("DIST_PTQ_DEVICE", "ascend")
+    args = ["quantize", str(m), "-c", str(CONFIGS / "w8a16_rtn.yaml"), "-o", str(d / "unused")]
+    assert main(args) == 0
+    assert (got["pin_cpu"], got["threads"], got["placement_timeout_s"], got["device"]) == (False, 3, 5.0, "ascend")
+    assert main(args + ["--device", "cpu"]) == 0 and got["device"] == "cpu"  # the flag wins
+    monkeypatch.setenv("DIST_PTQ_PIN_CPU", "no")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == "dist-ptq: error: DIST_PTQ_PIN_CPU must be 0 or 1, got 'no'"
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"DIST_PTQ_DEVICE": "gpu"}, "DIST_PTQ_DEVICE='gpu' is not one of: cpu, ascend"),
+    ({"DIST_PTQ_THREADS": "-1"}, "DIST_PTQ_THREADS must be a non-negative integer, got '-1'"),
+    ({"DIST_PTQ_PLACEMENT_TIMEOUT": "soon"}, "DIST_PTQ_PLACEMENT_TIMEOUT must be a positive number of seconds, got 'soon'"),
+])
+def test_a_bad_environment_variable_is_one_clear_error(env, message):
+    with pytest.raises(ConfigError) as e:
+        Environment.read(env)
+    assert str(e.value) == message
+    assert Environment.read({}) == Environment()  # nothing set: the defaults

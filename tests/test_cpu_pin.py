@@ -64,9 +64,33 @@ def test_a_killed_holder_frees_its_core(tmp_path):
             p.communicate("\n")
 
 
+WORKER = r"""
+import os, sys
+from dist_ptq.config import PTQConfig
+from dist_ptq.runtime.plan import Stage
+from dist_ptq.runtime.stage import StageWorker, WorkerSettings
+settings = WorkerSettings(model_dir=sys.argv[1], cfg=PTQConfig().to_dict(), partial="", seq_len=8, pin_cpu=sys.argv[2] == "1")
+w = StageWorker(settings, Stage(index=0, layers=(0, 1), first=True, last=True, nbytes=0), writer=False)
+print(w.placement()["cpu_core"], sorted(os.sched_getaffinity(0)), flush=True)
+"""
+
+
 def test_pinning_can_be_turned_off(tmp_path):
-    p = _start(tmp_path, DIST_PTQ_PIN_CPU="0")
-    try:
-        assert _claim(p) == (None, sorted(os.sched_getaffinity(0)))
-    finally:
-        p.communicate("\n")
+    from dist_ptq.cli import Environment
+    from dist_ptq.model.synthetic import tiny_config, write_random_model
+
+    # DIST_PTQ_PIN_CPU=0, read at the CLI, becomes pin_cpu=False for the workers
+    assert Environment.read({"DIST_PTQ_PIN_CPU": "0"}).pin_cpu is False
+    assert Environment.read({}).pin_cpu is True
+    model = write_random_model(tmp_path / "model", tiny_config("llama"), seed=0)
+    cores = sorted(os.sched_getaffinity(0))
+    for pin in (True, False):
+        e = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+        proc = subprocess.run([sys.executable, "-c", WORKER, str(model), "1" if pin else "0"], env=e,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        cpu, allowed = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+        if pin:
+            assert int(cpu) in cores and eval(allowed) == [int(cpu)]
+        else:
+            assert (cpu, eval(allowed)) == ("None", cores)

@@ -11,6 +11,7 @@ import ray
 from dist_ptq.errors import OutputError
 from dist_ptq.export.unified import MANIFEST, read_manifest
 from dist_ptq.model.synthetic import tiny_config, write_random_model
+from dist_ptq.runtime import coordinator
 from dist_ptq.runtime.coordinator import quantize
 from tests.common import CONFIGS, RAY_ENV, ROOT, manifest_without_report
 
@@ -32,7 +33,7 @@ def run(model, out, config="w8a8_smoothquant_kv_int8.yaml", **kw):
 
 
 @pytest.mark.parametrize("schedule", ["pipeline", "sequential"])
-def test_a_killed_stage_actor_is_replaced_and_finished_layers_are_kept(model, tmp_path, schedule):
+def test_a_killed_stage_actor_is_replaced_and_finished_layers_are_kept(model, tmp_path, schedule, monkeypatch):
     reference = tmp_path / "reference"
     run(model, reference, schedule=schedule)
     if ray.is_initialized():
@@ -41,7 +42,8 @@ def test_a_killed_stage_actor_is_replaced_and_finished_layers_are_kept(model, tm
     try:
         out = tmp_path / "killed"
         # the last stage's writer SIGKILLs itself after committing its first layer
-        report = run(model, out, schedule=schedule, workers=2, kill_after_commits=1)
+        monkeypatch.setattr(coordinator, "_KILL_AFTER_COMMITS", 1)
+        report = run(model, out, schedule=schedule, workers=2)
     finally:
         ray.shutdown()
     assert manifest_without_report(out) == manifest_without_report(reference)
@@ -55,10 +57,11 @@ def test_a_killed_driver_is_continued_with_resume(model, tmp_path):
     run(model, reference, schedule="sequential")
     out = tmp_path / "out"
     script = (
-        "from dist_ptq.runtime.coordinator import quantize\n"
-        f"quantize({str(m)!r}, {str(CONFIGS / 'w8a8_smoothquant_kv_int8.yaml')!r}, {str(out)!r}, "
+        "from dist_ptq.runtime import coordinator\n"
+        "coordinator._KILL_AFTER_COMMITS = 3\n"
+        f"coordinator.quantize({str(m)!r}, {str(CONFIGS / 'w8a8_smoothquant_kv_int8.yaml')!r}, {str(out)!r}, "
         f"calib={str(d / 'calib.npy')!r}, num_samples=8, seq_len=32, batch=2, schedule='sequential', "
-        "progress=False, kill_after_commits=3)\n"
+        "progress=False)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]

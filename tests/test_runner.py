@@ -84,6 +84,18 @@ def test_stats_reuse_gives_the_same_bytes(setup):
     run(setup, "reused-static", "w8a8_static.yaml", calib=None, stats=stats)
 
 
+def test_stats_for_a_config_that_searches_on_samples_is_refused_at_once(setup, tmp_path):
+    d, model = setup
+    clip = tmp_path / "clip.yaml"
+    clip.write_text("version: 1\nweight_quant_dtype: int4\nweight_quant_granularity: per_channel\nweight_clip: true\n")
+    out = tmp_path / "out"
+    # refused before the statistics are read or anything is written (the directory need not exist)
+    with pytest.raises(ConfigError, match=r"^--stats holds no calibration input samples, which weight_clip searches on; "
+                                          r"expected --calib FILE instead of --stats for this config$"):
+        quantize(model, clip, out, stats=tmp_path / "no-stats", seq_len=32, progress=False)
+    assert not out.exists() and not out.with_name("out.partial").exists()
+
+
 def test_stats_from_another_model_are_refused(setup, tmp_path):
     d, _ = setup
     other = write_random_model(tmp_path / "other", tiny_config("llama", num_hidden_layers=4), seed=99)

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from dist_ptq.errors import OutputError
-from dist_ptq.export.unified import sha256_file, write_json_atomic
+from dist_ptq.export.unified import write_json_atomic
+from dist_ptq.model.fingerprint import sha256_file
 
 RECIPE = "recipe.json"
 LAYERS = "layers"
@@ -44,6 +45,8 @@ def start(partial: Path, record: dict, resume: bool) -> str:
 
 
 def commit_layer(partial: Path, layer: int, recipe: str, shard: str, row: dict, aux: dict) -> None:
+    """Record ``layer`` as finished: ``row`` is the worker's result as plain data
+    (``LayerResult.to_commit``), ``aux`` what rebuilding the quantized layer from its shard needs."""
     write_json_atomic(
         partial / LAYERS / f"layer_{layer:05d}.json",
         {"recipe": recipe, "layer": layer, "shard": shard, "shard_sha256": sha256_file(partial / shard), "row": row, "aux": aux},

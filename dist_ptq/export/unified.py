@@ -6,7 +6,6 @@ directory appears under its real name only after ``MANIFEST.sha256`` is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,23 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from dist_ptq.errors import OutputError
+from dist_ptq.model.fingerprint import sha256_file  # also unified.sha256_file for export/tp
 from dist_ptq.model.safetensors_io import SafetensorsFile, float32_to_bf16_bits, write_safetensors
+from dist_ptq.model.side_files import COPIED, copy_side_files  # COPIED: also unified.COPIED for export/tp
 
 MANIFEST = "MANIFEST.sha256"
 INDEX = "model.safetensors.index.json"
 DESCRIPTION = "quantization_description.json"
 RECORD = "dist_ptq.json"
 REPORT = "report.json"
-COPIED = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
 MAX_SHARD_BYTES = 4 << 30
 
 
@@ -57,14 +48,6 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(dumps(obj), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_output_dir(out: Path, source: Path, overwrite: bool, resume: bool = False) -> Path:
@@ -121,9 +104,7 @@ def finish(
     index_name: str = INDEX,
 ) -> None:
     """Copy the source's config and tokenizer, write index and records, manifest last, then rename."""
-    for name in COPIED:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, partial / name)
+    copy_side_files(source, partial)
     total = 0
     for f in sorted(set(weight_map.values())):
         with SafetensorsFile(partial / f) as st:

@@ -14,6 +14,15 @@ FULL_HASH_LIMIT = 1 << 30
 SAMPLE, STRIDE = 1 << 20, 256 << 20
 
 
+def sha256_file(path: Path | str) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks (manifests, commits, calibration data)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def model_fingerprint(model_dir: Path | str) -> str:
     d = Path(model_dir)
     h = hashlib.sha256()

@@ -8,13 +8,13 @@ MindSpore has no bfloat16 matmul there.
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import mindspore as ms
 import numpy as np
 from mindspore import ops
 
+from dist_ptq.errors import ConfigError
 from dist_ptq.model.arch import ArchSpec
 
 Tensor = ms.Tensor
@@ -25,28 +25,42 @@ TapFn = Callable[[str, Tensor], None]
 # (k, v) as the cache would store them -> (k, v) as attention reads them back
 KVFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
-_configured = False
+_configured: tuple[str, int | None] | None = None  # (device, threads) of this process, once set
 
 
 def configure_mindspore(threads: int | None = None, device: str | None = None) -> None:
-    """PyNative mode on the chosen device ('cpu' or 'ascend'), with a bounded thread count (one per Ray actor)."""
+    """PyNative mode on ``device`` ('cpu' or 'ascend') with ``threads`` CPU kernel threads (one per Ray actor).
+
+    MindSpore takes its device once per process, so the first call decides; a later call asking for
+    another device or thread count raises rather than running elsewhere than asked. An argument left
+    None asks for nothing: the first call takes 'cpu' and MindSpore's thread default, a later one
+    accepts what is set.
+    """
     global _configured
-    if _configured:
+    threads = threads or None  # 0 and None both leave MindSpore's default
+    if _configured is not None:
+        want = ((device or _configured[0]).lower(), _configured[1] if threads is None else threads)
+        if want != _configured:
+            raise ConfigError(
+                f"MindSpore in this process is set up for device={_configured[0]!r} threads={_configured[1]}; "
+                f"expected the same, got device={want[0]!r} threads={want[1]} (one device and thread count per process)"
+            )
         return
+    target = (device or "cpu").lower()
+    if target not in ("cpu", "ascend"):
+        raise ConfigError(f"device {device!r} is not one of: cpu, ascend")
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    target = (device or os.environ.get("DIST_PTQ_DEVICE", "cpu")).lower()
     # Ray sets ASCEND_RT_VISIBLE_DEVICES to the NPU it assigned, which MindSpore then sees as device 0.
     ms.set_device("Ascend" if target == "ascend" else "CPU")
     if target != "ascend":
         # PyNative's asynchronous launch keeps a thread spinning beside the kernels; on CPU,
         # synchronous launch is faster and frees the core it spun on (README "Runner benchmarks")
         ms.runtime.launch_blocking()
-    n = threads or int(os.environ.get("DIST_PTQ_THREADS", "0") or 0)
-    if n > 0:
+    if threads:
         from mindspore.device_context.cpu.op_tuning import threads_num
 
-        threads_num(n)
-    _configured = True
+        threads_num(threads)
+    _configured = (target, threads)
 
 
 def to_tensor(a: np.ndarray) -> Tensor:

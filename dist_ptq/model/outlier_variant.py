@@ -15,12 +15,11 @@ linear inputs show the outliers.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from dist_ptq.export import unified
+from dist_ptq.model import side_files
 from dist_ptq.model.arch import load_spec
 from dist_ptq.model.safetensors_io import (
     SINGLE_NAME,
@@ -31,7 +30,7 @@ from dist_ptq.model.safetensors_io import (
 )
 
 # Files copied unchanged when present: config, tokenizer, and the fixture's calibration/validation text.
-COPIED = (*unified.COPIED, "calib.txt", "valid.txt")
+COPIED = (*side_files.COPIED, "calib.txt", "valid.txt")
 
 # norm -> the linears that read its output
 SCALED = {
@@ -114,7 +113,5 @@ def write_outlier_variant(
             dtypes[name] = dtype
         write_safetensors(dst / SINGLE_NAME, tensors, metadata={"format": "pt"}, dtypes=dtypes)
         del tensors
-    for name in COPIED:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+    side_files.copy_side_files(src, dst, COPIED)
     return dst

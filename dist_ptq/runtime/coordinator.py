@@ -13,56 +13,68 @@ Schedules:
               layers before, merged across replicas, quantize, propagate the quantized outputs.
   data-free   no calibration: every stage reads, quantizes and writes its layers at once.
 With one worker and one replica, the stage runs in the driver: same code, no Ray.
+
+``quantize`` reads as its steps: check the recipe, load the calibration input, pin the recipe in
+OUT.partial, run the schedule (restarting from the commits when a worker dies), collect the layers,
+finish the directory.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from ray.exceptions import RayActorError
 
-from dist_ptq import __version__
-from dist_ptq.calib.data import file_sha256, make_samples, token_ids
+from dist_ptq.calib.data import make_samples, token_ids
 from dist_ptq.config import OutliersSuppressionType, PrecisionRecovery, PTQConfig, PTQMode, load_yaml
 from dist_ptq.errors import CalibrationError, ConfigError
 from dist_ptq.export import commit, unified
 from dist_ptq.export import tp as tp_export
+from dist_ptq.model.arch import ArchSpec
 from dist_ptq.model.checkpoint import Checkpoint
-from dist_ptq.model.fingerprint import model_fingerprint
+from dist_ptq.model.fingerprint import model_fingerprint, sha256_file
 from dist_ptq.quant.observers import LayerStats, merge_layer_stats
 from dist_ptq.runtime import stats_io
-from dist_ptq.runtime.plan import Stage, check_group_sizes, plan_stages, tensor_bytes
+from dist_ptq.runtime.layer_result import LayerResult
 from dist_ptq.runtime.layer_steps import Needs
+from dist_ptq.runtime.plan import Stage, check_group_sizes, plan_stages, replica_batches, tensor_bytes
 from dist_ptq.runtime.progress import Progress
-from dist_ptq.runtime.stage import StageWorker
+from dist_ptq.runtime.ray_cluster import PLACEMENT_TIMEOUT_S
+from dist_ptq.runtime.schedule import CHOICES, Schedule
+from dist_ptq.runtime.stage import StageWorker, WorkerSettings
+from dist_ptq.version import __version__
 
-SCHEDULES = ("auto", "pipeline", "sequential")
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
+SEARCH_TOKENS = 4096  # calibration tokens kept per linear input for AWQ and clip searches
+
+# Fault injection for tests only, never set by the library: on the first attempt, the last stage's
+# writer SIGKILLs its own process after committing this many layers (tests/test_resume.py).
+_KILL_AFTER_COMMITS: int | None = None
 
 
-def resolve_schedule(cfg: PTQConfig, schedule: str) -> str:
-    """'data-free', 'pipeline' or 'sequential' (SPEC §6: auto is sequential when GPTQ/AWQ is on)."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"--schedule {schedule!r} is not one of: {', '.join(SCHEDULES)}")
+def resolve_schedule(cfg: PTQConfig, schedule: Schedule | str) -> Schedule:
+    """The schedule a run follows (SPEC §6: auto is sequential when GPTQ/AWQ is on)."""
+    if schedule not in CHOICES:
+        raise ConfigError(f"--schedule {str(schedule)!r} is not one of: {', '.join(CHOICES)}")
     if cfg.is_data_free:
-        return "data-free"
+        return Schedule.DATA_FREE
     needs_seq = any(
         c.precision_recovery is PrecisionRecovery.GPTQ or c.outliers_suppression is OutliersSuppressionType.AWQ
         for c in [cfg, *cfg.layer_policies.values()]
     )
-    if schedule == "auto":
-        return "sequential" if needs_seq else "pipeline"
-    if schedule == "pipeline" and needs_seq:
+    if schedule == Schedule.AUTO:
+        return Schedule.SEQUENTIAL if needs_seq else Schedule.PIPELINE
+    if schedule == Schedule.PIPELINE and needs_seq:
         raise ConfigError("GPTQ and AWQ calibrate on quantized inputs; use --schedule sequential or auto")
-    return schedule
-
-
-SEARCH_TOKENS = 4096  # calibration tokens kept per linear input for AWQ and clip searches
+    return Schedule(schedule)
 
 
 def calibration_needs(cfg: PTQConfig, num_batches: int) -> Needs:
+    """What calibration must record for ``cfg``: Hessians for GPTQ, input samples for AWQ / clip search."""
     every = [cfg, *cfg.layer_policies.values()]
     hessian = any(c.precision_recovery is PrecisionRecovery.GPTQ for c in every)
     search = any(c.outliers_suppression is OutliersSuppressionType.AWQ or c.weight_clip for c in every)
@@ -87,13 +99,23 @@ def resolve(x):
     return x
 
 
-class Workers:
-    """The stage workers: ``grid[k][r]`` is replica r of stage k, local or a Ray actor."""
+# (stage, replica) -> that worker's settings, whether it writes, its layers already committed
+WorkerArgs = Callable[[Stage, int], tuple[WorkerSettings, bool, dict[int, dict]]]
 
-    def __init__(self, stages: list[Stage], replicas: int, make_args, address: str | None, device: str):
+
+class Workers:
+    """The stage workers: ``grid[k][r]`` is replica r of stage k, local or a Ray actor.
+
+    The one local worker keeps the driver's thread count and is never pinned; Ray actors run one
+    MindSpore thread each and, on CPU, pin themselves to a core if the settings ask for it.
+    """
+
+    def __init__(self, stages: list[Stage], replicas: int, worker_args: WorkerArgs, address: str | None,
+                 placement_timeout_s: float = PLACEMENT_TIMEOUT_S):
         self.stages, self.replicas, self.owns_ray, self.ray = stages, replicas, False, False
         if len(stages) * replicas == 1 and address is None:
-            self.grid = [[StageWorker(**make_args(stages[0], 0))]]
+            settings, writer, committed = worker_args(stages[0], 0)
+            self.grid = [[StageWorker(replace(settings, pin_cpu=False), stages[0], writer, committed)]]
             return
         import ray
 
@@ -101,15 +123,15 @@ class Workers:
 
         self.ray = True
         self.owns_ray = ray_cluster.connect(address, len(stages) * replicas)
-        options = ray_cluster.actor_options(len(stages) * replicas, device)
+        args = [[worker_args(st, r) for r in range(replicas)] for st in stages]
+        options = ray_cluster.actor_options(len(stages) * replicas, args[0][0][0].device, placement_timeout_s)
         actor_cls = ray.remote(StageWorker)
         self.grid = []
         for k, st in enumerate(stages):
             row = []
-            for r in range(replicas):
-                opts = options[k * replicas + r]
-                args = dict(make_args(st, r), pin_cpu=device == "cpu")
-                row.append(actor_cls.options(max_restarts=0, **opts).remote(**args))
+            for r, (settings, writer, committed) in enumerate(args[k]):
+                settings = replace(settings, threads=1, pin_cpu=settings.pin_cpu and settings.device == "cpu")
+                row.append(actor_cls.options(max_restarts=0, **options[k * replicas + r]).remote(settings, st, writer, committed))
             self.grid.append(row)
 
     def placement(self) -> list[list[dict]]:
@@ -145,12 +167,12 @@ def stream_calibration(workers: Workers, batches: list[np.ndarray], progress: Pr
     """
     grid, R = workers.grid, workers.replicas
     per_stage: list[dict[int, object]] = [dict() for _ in grid]
-    for b, ids in enumerate(batches):
-        r = b % R
-        h = invoke(grid[0][r].embed, ids)
-        for k, row in enumerate(grid):
-            h, st = invoke(row[r].forward_observe, b, h, keep, returns=2)
-            per_stage[k][b] = st
+    for r in range(R):
+        for b in replica_batches(len(batches), R, r):
+            h = invoke(grid[0][r].embed, batches[b])
+            for k, row in enumerate(grid):
+                h, st = invoke(row[r].forward_observe, b, h, keep, returns=2)
+                per_stage[k][b] = st
     stats = {}
     for k, st in enumerate(workers.stages):
         got = dict(zip(per_stage[k], resolve(list(per_stage[k].values()))))
@@ -159,7 +181,8 @@ def stream_calibration(workers: Workers, batches: list[np.ndarray], progress: Pr
     return stats
 
 
-def run_pipeline(workers: Workers, batches: list[np.ndarray], progress: Progress, stats=None):
+def run_pipeline(workers: Workers, batches: list[np.ndarray], progress: Progress,
+                 stats: dict[int, LayerStats] | None = None) -> list[LayerResult]:
     """Float calibration streaming through the stages (unless statistics are given), then every
     stage quantizes at once; with calibration data, each layer's error is measured too."""
     grid = workers.grid
@@ -170,19 +193,19 @@ def run_pipeline(workers: Workers, batches: list[np.ndarray], progress: Progress
         [invoke(w.quantize_stage, {i: stats[i] for i in st.layers} if stats else None, measure) for w in (row if measure else row[:1])]
         for st, row in zip(workers.stages, grid)
     ]
-    rows = []
+    results = []
     for k, fs in enumerate(futures):
-        rows.extend(combine_replicas([resolve(f) for f in fs]))
+        results.extend(combine_replicas([resolve(f) for f in fs]))
         progress.quantized(k, len(workers.stages[k].layers))
-    return stats, rows
+    return results
 
 
-def run_sequential(workers: Workers, batches: list[np.ndarray], progress: Progress, done: set[int]):
+def run_sequential(workers: Workers, batches: list[np.ndarray], progress: Progress, done: set[int]) -> list[LayerResult]:
     """Layer by layer; a committed layer (``done``) is rebuilt from its shard instead of calibrated."""
     grid, R = workers.grid, workers.replicas
     for r in range(R):
-        resolve(invoke(grid[0][r].embed_inputs, {b: ids for b, ids in enumerate(batches) if b % R == r}))
-    rows, all_stats = [], {}
+        resolve(invoke(grid[0][r].embed_inputs, {b: batches[b] for b in replica_batches(len(batches), R, r)}))
+    results = []
     for k, st in enumerate(workers.stages):
         if k > 0:
             outs = [invoke(w.take_outputs) for w in grid[k - 1]]
@@ -192,24 +215,145 @@ def run_sequential(workers: Workers, batches: list[np.ndarray], progress: Progre
             if i not in done:
                 parts = resolve([invoke(w.observe_layer, i) for w in grid[k]])
                 per_batch = {b: {i: s} for part in parts for b, s in part.items()}
-                merged = all_stats[i] = merge_batches(per_batch, [i])[i]
-            per_replica = [[row] for row in resolve([invoke(w.apply_layer, i, merged) for w in grid[k]])]
-            rows.extend(combine_replicas(per_replica))
+                merged = merge_batches(per_batch, [i])[i]
+            per_replica = [[res] for res in resolve([invoke(w.apply_layer, i, merged) for w in grid[k]])]
+            results.extend(combine_replicas(per_replica))
             progress.quantized(k, 1)
-    return all_stats, rows
+    return results
 
 
-def combine_replicas(per_replica: list[list[dict]]) -> list[dict]:
-    """Replica 0's rows (the writer), with every replica's per-sample errors in micro-batch order."""
+def combine_replicas(per_replica: list[list[LayerResult]]) -> list[LayerResult]:
+    """Replica 0's results (the writer), with every replica's per-sample errors (each replica
+    measured its own micro-batches)."""
     out = []
-    for j, row in enumerate(per_replica[0]):
-        errors = {}
+    for j, res in enumerate(per_replica[0]):
+        errors: dict[int, np.ndarray] = {}
         for rep in per_replica:
-            errors.update(rep[j].get("errors") or {})
-        row = dict(row)
-        row["errors"] = np.concatenate([errors[b] for b in sorted(errors)]) if errors else None
-        out.append(row)
+            errors.update(rep[j].errors)
+        out.append(replace(res, errors=errors))
     return out
+
+
+@dataclass
+class CalibrationInput:
+    """What a run calibrates with: micro-batches of token ids, or statistics loaded with --stats."""
+
+    batches: list[np.ndarray] = field(default_factory=list)
+    stats: dict[int, LayerStats] | None = None
+    record: dict | None = None  # dist_ptq.json "calibration": data hash, samples, sequence length
+
+
+def _load_config(config: PTQConfig | Path | str) -> PTQConfig:
+    cfg = config if isinstance(config, PTQConfig) else load_yaml(config)
+    if cfg.mode is PTQMode.DEPLOY:
+        raise ConfigError("mode 'deploy' loads a quantized directory (dist_ptq.load_quantized, `dist-ptq eval OUT`); "
+                          "expected mode 'quantize' to quantize")
+    return cfg
+
+
+def _read_source(model_dir: Path) -> tuple[ArchSpec, str]:
+    """The model's architecture and its dtype (that of the embedding), from the headers only."""
+    ckpt = Checkpoint(model_dir)
+    spec, model_dtype = ckpt.spec, ckpt.dtype_of("model.embed_tokens.weight")
+    ckpt.close()
+    return spec, model_dtype
+
+
+def _check_recipe(cfg: PTQConfig, spec: ArchSpec, schedule: Schedule | str, tp: int | None,
+                  stats: Path | str | None) -> Schedule:
+    """Everything that can be refused before reading a weight: schedule, TP split, group sizes, --stats."""
+    sched = resolve_schedule(cfg, schedule)
+    if tp is not None:
+        tp_export.check_config(spec, cfg, tp)
+    check_group_sizes(spec, cfg)
+    if stats is not None and sched is not Schedule.DATA_FREE:
+        if sched is not Schedule.PIPELINE:
+            raise ConfigError("--stats serves configs of the pipeline schedule; GPTQ/AWQ calibrate on quantized inputs")
+        if calibration_needs(cfg, 1).sample_rows:
+            raise ConfigError("--stats holds no calibration input samples, which weight_clip searches on; "
+                              "expected --calib FILE instead of --stats for this config")
+    return sched
+
+
+def _samples(calib: Path | str, model_dir: Path, spec: ArchSpec, num_samples: int, seq_len: int,
+             batch: int) -> CalibrationInput:
+    samples = make_samples(token_ids(calib, model_dir, spec.vocab_size), num_samples, seq_len, str(calib))
+    record = {"sha256": sha256_file(calib), "num_samples": int(samples.shape[0]), "seq_len": int(samples.shape[1])}
+    return CalibrationInput(batches=[samples[b : b + batch] for b in range(0, len(samples), batch)], record=record)
+
+
+def _calibration_input(sched: Schedule, model_dir: Path, spec: ArchSpec, fingerprint: str, calib: Path | str | None,
+                       stats: Path | str | None, num_samples: int, seq_len: int, batch: int) -> CalibrationInput:
+    """Nothing (data-free), the statistics of --stats (checked against the model and --calib), or samples."""
+    if sched is Schedule.DATA_FREE:
+        return CalibrationInput()
+    if stats is not None:
+        loaded, record = stats_io.load(stats, fingerprint, spec.num_layers)
+        if calib is not None and sha256_file(calib) != record["sha256"]:
+            raise CalibrationError(f"{stats}: statistics were taken on another data set than {calib}; drop --calib or recalibrate")
+        return CalibrationInput(stats=loaded, record=record)
+    if calib is None:
+        raise CalibrationError("this config quantizes activations or the KV cache; pass calibration data with --calib FILE")
+    return _samples(calib, model_dir, spec, num_samples, seq_len, batch)
+
+
+def _run_schedule(pool: Workers, sched: Schedule, data: CalibrationInput, bar: Progress,
+                  done: set[int]) -> tuple[list[LayerResult], list[dict], list[list[dict]]]:
+    """One attempt: every layer's result, the globals the first and last stage wrote, the placement."""
+    if sched is Schedule.SEQUENTIAL:
+        results = run_sequential(pool, data.batches, bar, done)
+    else:
+        results = run_pipeline(pool, data.batches if sched is Schedule.PIPELINE else [], bar, stats=data.stats)
+    last = len(pool.stages) - 1
+    globs = [resolve(invoke(pool.grid[k][0].write_globals)) for k in sorted({0, last})]
+    return results, globs, pool.placement()
+
+
+def _run_with_restarts(settings: WorkerSettings, stages: list[Stage], replicas: int, sched: Schedule,
+                       data: CalibrationInput, address: str | None, placement_timeout_s: float, max_restarts: int,
+                       new_bar: Callable[[], Progress]) -> tuple[list[LayerResult], list[dict], list[list[dict]], set[int]]:
+    """Run the schedule; when a worker dies, start fresh workers that skip the committed layers
+    (safe: a commit is atomic), at most ``max_restarts`` times. Also returns the layers resumed."""
+    partial, resumed, attempt = Path(settings.partial), set(), 0
+    while True:
+        done = commit.committed(partial, settings.recipe)
+        resumed |= set(done)
+        kill = _KILL_AFTER_COMMITS if attempt == 0 else None
+
+        def worker_args(stage: Stage, r: int) -> tuple[WorkerSettings, bool, dict[int, dict]]:
+            own = replace(settings, kill_after_commits=kill) if r == 0 and stage.last else settings
+            return own, r == 0, {i: done[i] for i in stage.layers if i in done}
+
+        pool = Workers(stages, replicas, worker_args, address, placement_timeout_s)
+        bar = new_bar()
+        try:
+            return (*_run_schedule(pool, sched, data, bar, set(done)), resumed)
+        except RayActorError as e:
+            if attempt == max_restarts:
+                raise
+            print(f"dist-ptq: a worker died ({type(e).__name__}); restarting from the committed layers", flush=True)
+        finally:
+            bar.close()
+            pool.close()
+        attempt += 1
+
+
+def _collect(results: list[LayerResult], globs: list[dict], num_layers: int) -> tuple[dict, dict, dict, list[dict]]:
+    """(weight map, description, activation parameters, report rows) over every layer and global;
+    a layer no worker returned is a bug, refused here."""
+    weight_map, description, act_params, reports = {}, {}, {}, []
+    for res in sorted(results, key=lambda r: r.layer):
+        weight_map.update(res.weight_map)
+        description.update(res.description)
+        act_params.update(res.activation_params)
+        reports.append(res.report())
+    missing = sorted(set(range(num_layers)) - {r.layer for r in results})
+    if missing:
+        raise RuntimeError(f"layers {missing} were never quantized; this is a bug in the coordinator")
+    for g in globs:
+        weight_map.update(g["weight_map"])
+        description.update(g["description"])
+    return weight_map, description, act_params, reports
 
 
 def quantize(
@@ -219,7 +363,7 @@ def quantize(
     calib: Path | str | None = None,
     num_samples: int = 64,
     seq_len: int = 256,
-    schedule: str = "auto",
+    schedule: Schedule | str = Schedule.AUTO,
     batch: int = 8,
     workers: int = 1,
     replicas: int = 1,
@@ -231,7 +375,9 @@ def quantize(
     progress: bool = True,
     max_restarts: int = 2,
     tp: int | None = None,
-    kill_after_commits: int | None = None,
+    threads: int | None = None,
+    pin_cpu: bool = True,
+    placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
 ) -> dict:
     """Quantize ``model_dir`` with ``config`` into ``out_dir``; returns the report (also report.json).
 
@@ -239,100 +385,40 @@ def quantize(
     the same recipe, and a worker that dies is replaced and the run continues from the commits
     (at most ``max_restarts`` times). With ``tp``, the finished directory also gets ``tp<N>/`` (SPEC §5,
     :func:`dist_ptq.export.tp.shard`); a recipe whose output cannot be split N ways is refused first.
-    ``kill_after_commits`` is fault injection for tests: on the first attempt, the last stage's writer
-    SIGKILLs its own process after committing that many layers."""
+    ``threads`` bounds MindSpore's CPU threads when the one worker runs in the driver (Ray actors run
+    one each); ``pin_cpu`` lets each CPU Ray actor pin itself to a core of its own (runtime/cpu_pin.py);
+    ``placement_timeout_s`` is how long to wait for NPU actors to be placed."""
     t_start = time.time()
-    cfg = config if isinstance(config, PTQConfig) else load_yaml(config)
-    if cfg.mode is PTQMode.DEPLOY:
-        raise ConfigError("mode 'deploy' loads a quantized directory (dist_ptq.load_quantized, `dist-ptq eval OUT`); "
-                          "expected mode 'quantize' to quantize")
+    cfg = _load_config(config)
     model_dir, out_dir = Path(model_dir).absolute(), Path(out_dir).absolute()  # actors on other nodes resolve paths themselves
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
-    ckpt = Checkpoint(model_dir)
-    spec, model_dtype = ckpt.spec, ckpt.dtype_of("model.embed_tokens.weight")
-    ckpt.close()
-    sched = resolve_schedule(cfg, schedule)
-    if tp is not None:
-        tp_export.check_config(spec, cfg, tp)
-    check_group_sizes(spec, cfg)
+    spec, model_dtype = _read_source(model_dir)
+    sched = _check_recipe(cfg, spec, schedule, tp, stats)
     stages = plan_stages(*tensor_bytes(spec, ITEMSIZE[model_dtype]), workers)
-
     fingerprint = model_fingerprint(model_dir)
-    batches, calib_record, loaded = [], None, None
-    if sched != "data-free" and stats is not None:
-        if sched != "pipeline":
-            raise ConfigError("--stats serves configs of the pipeline schedule; GPTQ/AWQ calibrate on quantized inputs")
-        loaded, calib_record = stats_io.load(stats, fingerprint, spec.num_layers)
-        if calib is not None and file_sha256(calib) != calib_record["sha256"]:
-            raise CalibrationError(f"{stats}: statistics were taken on another data set than {calib}; drop --calib or recalibrate")
-    elif sched != "data-free":
-        if calib is None:
-            raise CalibrationError("this config quantizes activations or the KV cache; pass calibration data with --calib FILE")
-        samples = make_samples(token_ids(calib, model_dir, spec.vocab_size), num_samples, seq_len, str(calib))
-        calib_record = {"sha256": file_sha256(calib), "num_samples": int(samples.shape[0]), "seq_len": int(samples.shape[1])}
-        batches = [samples[b : b + batch] for b in range(0, len(samples), batch)]
-    cfg_dict = cfg.to_dict()
+    data = _calibration_input(sched, model_dir, spec, fingerprint, calib, stats, num_samples, seq_len, batch)
     record = {
         "tool": "dist_ptq",
         "version": __version__,
-        "config": cfg_dict,
+        "config": cfg.to_dict(),
         "source": {"fingerprint": fingerprint, "model_dtype": model_dtype, "architecture": spec.family},
-        "calibration": calib_record,
-        "schedule": sched,
+        "calibration": data.record,
+        "schedule": sched.value,
     }
     partial = unified.check_output_dir(out_dir, model_dir, overwrite, resume)
-    recipe = commit.start(partial, record, resume)
-    needs = calibration_needs(cfg, len(batches))
-    resumed: set[int] = set()
-    for attempt in range(max_restarts + 1):
-        done = commit.committed(partial, recipe)
-        resumed |= set(done)
-
-        def make_args(stage: Stage, r: int):
-            kill = kill_after_commits if attempt == 0 and r == 0 and stage.last else None
-            return dict(model_dir=str(model_dir), cfg=cfg_dict, stage=stage, partial=str(partial), seq_len=seq_len,
-                        writer=r == 0, needs=needs, recipe=recipe, committed={i: done[i] for i in stage.layers if i in done},
-                        device=device, kill_after_commits=kill)
-
-        pool = Workers(stages, replicas, make_args, address, device)
-        bar = Progress(stages, len(batches), sched, enabled=progress, tokens_per_batch=batch * seq_len)
-        try:
-            if sched == "sequential":
-                _, rows = run_sequential(pool, batches, bar, set(done))
-            else:
-                _, rows = run_pipeline(pool, batches if sched == "pipeline" else [], bar, stats=loaded)
-            globs = [resolve(invoke(pool.grid[k][0].write_globals)) for k in sorted({0, len(stages) - 1})]
-            placement = pool.placement()
-            break
-        except RayActorError as e:
-            if attempt == max_restarts:
-                raise
-            print(f"dist-ptq: a worker died ({type(e).__name__}); restarting from the committed layers", flush=True)
-        finally:
-            bar.close()
-            pool.close()
+    settings = WorkerSettings(
+        model_dir=str(model_dir), cfg=record["config"], partial=str(partial), seq_len=seq_len,
+        needs=calibration_needs(cfg, len(data.batches)), recipe=commit.start(partial, record, resume),
+        device=device, threads=threads, pin_cpu=pin_cpu,
+    )
+    first = "calibrating" if sched is Schedule.PIPELINE and data.batches else sched.value
+    results, globs, placement, resumed = _run_with_restarts(
+        settings, stages, replicas, sched, data, address, placement_timeout_s, max_restarts,
+        lambda: Progress(stages, first, enabled=progress, tokens_per_batch=batch * seq_len),
+    )
     commit.clear(partial)
-
-    weight_map, description, act_params, reports = {}, {}, {}, []
-    for row in sorted(rows, key=lambda r: r["layer"]):
-        weight_map.update(row["weight_map"])
-        description.update(row["description"])
-        act_params.update(row["activation_params"])
-        errs = row["errors"]
-        reports.append({
-            "layer": row["layer"],
-            "seconds": round(row["seconds"], 4),
-            "max_rel_err": None if errs is None else float(errs.max()),
-            "mean_rel_err": None if errs is None else float(errs.mean()),
-            **({"recovery": row["recovery"]} if row.get("recovery") else {}),
-        })
-    missing = sorted(set(range(spec.num_layers)) - {r["layer"] for r in reports})
-    if missing:
-        raise RuntimeError(f"layers {missing} were never quantized; this is a bug in the coordinator")
-    for g in globs:
-        weight_map.update(g["weight_map"])
-        description.update(g["description"])
+    weight_map, description, act_params, reports = _collect(results, globs, spec.num_layers)
 
     ascend = cfg.backend.value == "ascend"
     if not ascend:
@@ -342,7 +428,7 @@ def quantize(
         "total_seconds": round(time.time() - t_start, 3),
         "workers": workers,
         "replicas": replicas,
-        "schedule": sched,
+        "schedule": sched.value,
         "resumed_layers": sorted(resumed),
         "stages": [
             {"index": s.index, "layers": [s.layers[0], s.layers[-1]], "bytes": s.nbytes, "replicas": placement[s.index]}
@@ -366,32 +452,27 @@ def calibrate(
     replicas: int = 1,
     address: str | None = None,
     device: str = "cpu",
-    hessian: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    threads: int | None = None,
+    pin_cpu: bool = True,
+    placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
 ) -> Path:
-    """Run the pipeline's calibration pass only and save the merged statistics (``quantize --stats``)."""
+    """Run the pipeline's calibration pass only and save the merged statistics (``quantize --stats``).
+
+    Only max/min statistics are kept: what --stats serves is the pipeline schedule without clip
+    search, which needs no Hessians (GPTQ) and no input samples (AWQ, weight_clip)."""
     model_dir = Path(model_dir).absolute()
-    ckpt = Checkpoint(model_dir)
-    spec, model_dtype = ckpt.spec, ckpt.dtype_of("model.embed_tokens.weight")
-    ckpt.close()
+    spec, model_dtype = _read_source(model_dir)
     stages = plan_stages(*tensor_bytes(spec, ITEMSIZE[model_dtype]), workers)
-    samples = make_samples(token_ids(calib, model_dir, spec.vocab_size), num_samples, seq_len, str(calib))
-    batches = [samples[b : b + batch] for b in range(0, len(samples), batch)]
-    calib_record = {"sha256": file_sha256(calib), "num_samples": int(samples.shape[0]), "seq_len": int(samples.shape[1])}
-    cfg_dict = PTQConfig().to_dict()
-
-    needs = Needs(hessian=hessian)
-
-    def make_args(stage: Stage, r: int):
-        return dict(model_dir=str(model_dir), cfg=cfg_dict, stage=stage, partial="", seq_len=seq_len, writer=False,
-                    needs=needs, device=device)
-
-    pool = Workers(stages, replicas, make_args, address, device)
-    bar = Progress(stages, len(batches), "calibrate", enabled=progress, tokens_per_batch=batch * seq_len)
+    data = _samples(calib, model_dir, spec, num_samples, seq_len, batch)
+    settings = WorkerSettings(model_dir=str(model_dir), cfg=PTQConfig().to_dict(), partial="", seq_len=seq_len,
+                              device=device, threads=threads, pin_cpu=pin_cpu)
+    pool = Workers(stages, replicas, lambda stage, r: (settings, False, {}), address, placement_timeout_s)
+    bar = Progress(stages, "calibrating", enabled=progress, tokens_per_batch=batch * seq_len)
     try:
-        merged = stream_calibration(pool, batches, bar, keep=False)
+        merged = stream_calibration(pool, data.batches, bar, keep=False)
     finally:
         bar.close()
         pool.close()
-    return stats_io.save(out_dir, merged, model_fingerprint(model_dir), calib_record, overwrite)
+    return stats_io.save(out_dir, merged, model_fingerprint(model_dir), data.record, overwrite)

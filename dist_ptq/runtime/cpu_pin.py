@@ -4,7 +4,8 @@ MindSpore's CPU runtime runs a kernel thread beside the Python thread whatever `
 so two "one-thread" workers on two cores still contend for both. Pinning makes one worker one core.
 Cores are claimed with ``flock`` on a file per core in the temp directory: the claim is shared by every
 process on the node (other jobs too) and released by the kernel when the holder exits, even by SIGKILL.
-Set ``DIST_PTQ_PIN_CPU=0`` to leave scheduling to the OS (a node shared with other CPU-heavy work).
+Pass ``pin_cpu=False`` to ``quantize`` (``DIST_PTQ_PIN_CPU=0`` for the CLI) to leave scheduling to the OS
+(a node shared with other CPU-heavy work); the worker then never calls this module.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ _held: list[int] = []  # open lock descriptors: a claim lasts as long as the pro
 
 def pin_one_core() -> int | None:
     """Claim a free core of this process's allowed set and run on it alone; None if all are claimed
-    or pinning is turned off."""
-    if os.environ.get("DIST_PTQ_PIN_CPU", "1") == "0" or not hasattr(os, "sched_setaffinity"):
+    or the platform has no CPU affinity."""
+    if not hasattr(os, "sched_setaffinity"):
         return None
     lock_dir = Path(tempfile.gettempdir())
     for cpu in sorted(os.sched_getaffinity(0)):

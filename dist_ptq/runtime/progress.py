@@ -1,4 +1,4 @@
-"""One live display on the driver: a bar per stage with layers done, phase and tokens/s."""
+"""What the driver shows: a live bar per stage (layers done, phase, tokens/s), then the layer table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from dist_ptq.runtime.plan import Stage
 
 
 class Progress:
-    def __init__(self, stages: list[Stage], num_batches: int, schedule: str, enabled: bool = True, tokens_per_batch: int = 0):
+    def __init__(self, stages: list[Stage], phase: str, enabled: bool = True, tokens_per_batch: int = 0):
+        """``phase``: what the bars say until the first stage reports ('calibrating', or the schedule)."""
         self.t0 = time.time()
         self.tokens_per_batch = tokens_per_batch
         self.bars = [
@@ -25,7 +26,7 @@ class Progress:
             for k, st in enumerate(stages)
         ]
         for bar in self.bars:
-            bar.set_postfix_str("calibrating" if schedule in ("pipeline", "calibrate") and num_batches else schedule)
+            bar.set_postfix_str(phase)
 
     def calibrated(self, stage: int, batches: int) -> None:
         rate = batches * self.tokens_per_batch / max(time.time() - self.t0, 1e-9)
@@ -39,3 +40,13 @@ class Progress:
     def close(self) -> None:
         for bar in self.bars:
             bar.close()
+
+
+def print_report(report: dict) -> None:
+    """The per-layer table of a finished run (its report.json), as the CLI and the demo print it."""
+    print(f"{'layer':>5} {'seconds':>8} {'max rel err':>12} {'mean rel err':>13}")
+    for row in report["layers"]:
+        mx = "-" if row["max_rel_err"] is None else f"{row['max_rel_err']:.4f}"
+        mn = "-" if row["mean_rel_err"] is None else f"{row['mean_rel_err']:.4f}"
+        print(f"{row['layer']:>5} {row['seconds']:>8.2f} {mx:>12} {mn:>13}")
+    print(f"total {report['total_seconds']:.1f}s, schedule {report['schedule']}")

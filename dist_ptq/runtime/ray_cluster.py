@@ -1,7 +1,9 @@
 """Ray as users run it: embedded by default, or joined; one single-threaded actor per stage replica.
 
 Where nodes advertise an ``NPU`` resource, actors are placed through a placement group (one bundle per
-actor, each holding one NPU) and set their MindSpore device from the NPU Ray assigned them.
+actor, each holding one NPU); Ray sets ``ASCEND_RT_VISIBLE_DEVICES`` in each actor to the NPU it
+assigned, so MindSpore's device 0 there is that NPU. Workers get their settings (device, threads,
+pinning) as constructor arguments, not from the environment.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 
 from dist_ptq.errors import DistPTQError
 
-PLACEMENT_TIMEOUT_S = float(os.environ.get("DIST_PTQ_PLACEMENT_TIMEOUT", "120"))
+PLACEMENT_TIMEOUT_S = 120.0  # default wait for a placement group (CLI: DIST_PTQ_PLACEMENT_TIMEOUT)
 
 
 class ClusterError(DistPTQError):
@@ -23,8 +25,7 @@ def connect(address: str | None, num_actors: int) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"OMP_NUM_THREADS": "1", "DIST_PTQ_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "DIST_PTQ_PIN_CPU": os.environ.get("DIST_PTQ_PIN_CPU", "1")}  # actors read it (runtime/cpu_pin.py)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # for the libraries under MindSpore and Ray
     try:
         if address:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
@@ -48,7 +49,7 @@ def npu_count() -> int:
     return int(ray.cluster_resources().get("NPU", 0))
 
 
-def actor_options(num_actors: int, device: str) -> list[dict]:
+def actor_options(num_actors: int, device: str, placement_timeout_s: float = PLACEMENT_TIMEOUT_S) -> list[dict]:
     """Ray options for each actor: NPU bundles in a placement group where NPUs exist, else 1 CPU each."""
     import ray
     from ray.util.placement_group import placement_group
@@ -62,11 +63,11 @@ def actor_options(num_actors: int, device: str) -> list[dict]:
     if npus < num_actors:
         raise ClusterError(f"the plan needs {num_actors} NPUs (workers × replicas) but the cluster has {npus}")
     pg = placement_group([{"NPU": 1, "CPU": 1}] * num_actors, strategy="PACK")
-    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
     if not ready:
         ray.util.remove_placement_group(pg)
         raise ClusterError(
-            f"placement of {num_actors} NPU actors did not complete in {PLACEMENT_TIMEOUT_S:.0f}s; "
+            f"placement of {num_actors} NPU actors did not complete in {placement_timeout_s:.0f}s; "
             "check `ray status` for free NPU and CPU resources on every node"
         )
     return [
@@ -75,10 +76,3 @@ def actor_options(num_actors: int, device: str) -> list[dict]:
         for i in range(num_actors)
     ]
 
-
-def assigned_npu() -> int | None:
-    """Inside an actor: the NPU id Ray assigned (it also sets ASCEND_RT_VISIBLE_DEVICES)."""
-    import ray
-
-    ids = ray.get_runtime_context().get_accelerator_ids().get("NPU") or []
-    return int(ids[0]) if ids else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mindspore as ms
@@ -22,11 +23,12 @@ from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.forward import configure_mindspore, decoder_layer, embed, to_tensor
 from dist_ptq.model.layer_source import Rope
 from dist_ptq.quant.fake import fake_kv, fake_linear, layer_weights_for
-from dist_ptq.quant.layer import quantize_layer
+from dist_ptq.quant.layer import QuantizedLayer, quantize_layer
 from dist_ptq.model.safetensors_io import SafetensorsFile
 from dist_ptq.quant.observers import LayerStats
 from dist_ptq.quant.rebuild import layer_aux, rebuild_layer
 from dist_ptq.runtime import cpu_pin
+from dist_ptq.runtime.layer_result import LayerResult
 from dist_ptq.runtime.layer_steps import (Needs, activation_record, batch_errors, deploy_tensors, observe_batch,
                                          recovery_record)
 from dist_ptq.runtime.plan import Stage
@@ -54,35 +56,43 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every stage worker of one run is given; plain data, so it pickles to Ray actors.
+
+    ``threads`` and ``pin_cpu`` are passed explicitly (nothing is read from the environment in the
+    worker): Ray actors run one MindSpore thread each and, on CPU, pin themselves to a core of their own.
+    """
+
+    model_dir: str
+    cfg: dict  # PTQConfig.to_dict()
+    partial: str  # OUT.partial, where shards and commits go ("" when nothing is written)
+    seq_len: int
+    needs: Needs = Needs()
+    recipe: str = ""  # the recipe hash each commit names
+    device: str = "cpu"
+    threads: int | None = None  # MindSpore CPU kernel threads; None: MindSpore's default
+    pin_cpu: bool = False
+    kill_after_commits: int | None = None  # fault injection for tests: SIGKILL itself after N commits
+
+
 class StageWorker:
-    def __init__(
-        self,
-        model_dir: str,
-        cfg: dict,
-        stage: Stage,
-        partial: str,
-        seq_len: int,
-        writer: bool = True,
-        threads: int | None = None,
-        needs: Needs = Needs(),
-        recipe: str = "",
-        committed: dict[int, dict] | None = None,
-        device: str = "cpu",
-        kill_after_commits: int | None = None,
-        pin_cpu: bool = False,
-    ):
-        self.cpu = cpu_pin.pin_one_core() if pin_cpu else None  # before MindSpore starts its threads
-        configure_mindspore(threads, device)
-        self.cfg = PTQConfig.from_dict(cfg)
-        self.stage, self.partial, self.writer, self.needs = stage, Path(partial), writer, needs
-        self.recipe, self.committed = recipe, dict(committed or {})
-        self.kill_after_commits = kill_after_commits  # fault injection for tests: SIGKILL after N commits
-        self.ckpt = Checkpoint(model_dir)
+    """Replica of one stage: ``writer`` (replica 0) writes the shards; ``committed`` maps a layer
+    already committed by an earlier attempt to its commit record, so it is not redone."""
+
+    def __init__(self, settings: WorkerSettings, stage: Stage, writer: bool = True, committed: dict[int, dict] | None = None):
+        self.cpu = cpu_pin.pin_one_core() if settings.pin_cpu else None  # before MindSpore starts its threads
+        configure_mindspore(settings.threads, settings.device)
+        self.cfg = PTQConfig.from_dict(settings.cfg)
+        self.stage, self.partial, self.writer, self.needs = stage, Path(settings.partial), writer, settings.needs
+        self.recipe, self.committed = settings.recipe, dict(committed or {})
+        self.kills_left = settings.kill_after_commits
+        self.ckpt = Checkpoint(settings.model_dir)
         self.spec = self.ckpt.spec
         self.reads: list[str] = []
         self.ckpt.files.on_read = self.reads.append
         self.model_dtype = self.ckpt.dtype_of("model.embed_tokens.weight")
-        self.rope = Rope(self.spec, seq_len)
+        self.rope = Rope(self.spec, settings.seq_len)
         self.n_shards = self.spec.num_layers + 2  # embedding, each layer, norm + lm_head
         self.inputs: dict[int, np.ndarray] = {}  # micro-batch index → this stage's input hidden states
         self._weights: dict[int, dict[str, ms.Tensor]] = {}
@@ -123,31 +133,27 @@ class StageWorker:
             x, stats[i] = observe_batch(self._tensors(i), self.spec, self.rope, x, i, self.needs)
         return x.asnumpy(), stats
 
-    def quantize_stage(self, merged: dict[int, LayerStats] | None, measure: bool) -> list[dict]:
+    def quantize_stage(self, merged: dict[int, LayerStats] | None, measure: bool) -> list[LayerResult]:
         """Quantize every layer of the stage; with ``measure``, also each layer's error on the
         stored inputs (float inputs flow on, as in the pipeline schedule)."""
         xs = {b: ms.Tensor(h) for b, h in sorted(self.inputs.items())} if measure else {}
-        rows = []
+        results = []
         for i in self.stage.layers:
             t0 = time.time()
             if i in self.committed:
-                row = self._resumed_row(i)
+                result = self._resumed(i)
                 if measure:
                     w = self._tensors(i)
                     xs = {b: decoder_layer(w, self.spec, x, self.rope.cos_sin, self.rope.mask) for b, x in xs.items()}
-                rows.append(row)
-                self._weights.pop(i, None)
-                continue
-            stats = None if merged is None else merged[i]
-            row = self._quantize_and_write(i, stats)
-            if measure:
-                row["errors"], xs = self._measure(i, row.pop("_ql"), xs, hand_on="float")
-            row.pop("_ql", None)
-            row["seconds"] = time.time() - t0
-            rows.append(row)
+            else:
+                result, ql = self._quantize_and_write(i, None if merged is None else merged[i])
+                if measure:
+                    result.errors, xs = self._measure(i, ql, xs, hand_on="float")
+                result.seconds = time.time() - t0
+            results.append(result)
             self._weights.pop(i, None)
         self.inputs.clear()
-        return rows
+        return results
 
     # ---- sequential schedule -----------------------------------------------------------------
     def set_inputs(self, hidden: dict[int, np.ndarray]) -> None:
@@ -165,21 +171,20 @@ class StageWorker:
             _, out[b] = observe_batch(self._tensors(layer), self.spec, self.rope, ms.Tensor(h), layer, self.needs)
         return out
 
-    def apply_layer(self, layer: int, merged: LayerStats | None) -> dict:
+    def apply_layer(self, layer: int, merged: LayerStats | None) -> LayerResult:
         """Quantize ``layer`` with merged statistics (or rebuild it from its commit), then move the
         stored inputs through its quantized form."""
         t0 = time.time()
         if layer in self.committed:
-            row = self._resumed_row(layer)
-            row["_ql"] = self._rebuild(layer)
+            result, ql = self._resumed(layer), self._rebuild(layer)
         else:
-            row = self._quantize_and_write(layer, merged)
+            result, ql = self._quantize_and_write(layer, merged)
         xs = {b: ms.Tensor(h) for b, h in sorted(self.inputs.items())}
-        row["errors"], xs = self._measure(layer, row.pop("_ql"), xs, hand_on="quant")
+        result.errors, xs = self._measure(layer, ql, xs, hand_on="quant")
         self.inputs = {b: x.asnumpy() for b, x in xs.items()}
-        row["seconds"] = time.time() - t0
+        result.seconds = time.time() - t0
         self._weights.pop(layer, None)
-        return row
+        return result
 
     def take_outputs(self) -> dict[int, np.ndarray]:
         out, self.inputs = self.inputs, {}
@@ -198,36 +203,34 @@ class StageWorker:
             nxt[b] = yf if hand_on == "float" else yq
         return errors, nxt
 
-    def _quantize_and_write(self, layer: int, stats: LayerStats | None) -> dict:
+    def _quantize_and_write(self, layer: int, stats: LayerStats | None) -> tuple[LayerResult, QuantizedLayer]:
+        """Quantize ``layer``; the writer also writes its shard and commits it. Returns the result and
+        the quantized layer (for measuring its error)."""
         prefix = self.spec.layer_prefix(layer)
         # without statistics nothing runs the float layer, so read it linear by linear
         weights = self.ckpt.layer_lazy(layer) if stats is None else self._float(layer)
         ql = quantize_layer(layer, weights, stats, self.cfg, self.spec, self.model_dtype)
         tensors, mdt, int4, desc = deploy_tensors(ql, self.cfg.backend)
-        row = {"layer": layer, "weight_map": {}, "description": {}, "activation_params": {}, "resumed": False,
-               "recovery": recovery_record(ql)}
+        result = LayerResult(layer=layer, recovery=recovery_record(ql))
         if desc is not None:
-            row["description"] = {prefix + n: t for n, t in desc.items()}
+            result.description = {prefix + n: t for n, t in desc.items()}
         if self.cfg.backend is BackendTarget.NONE:
-            row["activation_params"] = activation_record(ql, prefix)
+            result.activation_params = activation_record(ql, prefix)
         if self.writer:
             full = {prefix + n: a for n, a in tensors.items()}
             fname = shard_file(self.cfg.backend, layer + 1, self.n_shards)
-            row["weight_map"] = unified.write_shard(
+            result.weight_map = unified.write_shard(
                 self.partial, fname, full, {prefix + n for n in mdt}, {prefix + n for n in int4}, self.model_dtype
             )
-            commit.commit_layer(self.partial, layer, self.recipe, fname, row, layer_aux(ql))
-            if self.kill_after_commits is not None:
-                self.kill_after_commits -= 1
-                if self.kill_after_commits <= 0:
+            commit.commit_layer(self.partial, layer, self.recipe, fname, result.to_commit(), layer_aux(ql))
+            if self.kills_left is not None:
+                self.kills_left -= 1
+                if self.kills_left <= 0:
                     os.kill(os.getpid(), signal.SIGKILL)
-        row["_ql"] = ql
-        return row
+        return result, ql
 
-    def _resumed_row(self, layer: int) -> dict:
-        row = dict(self.committed[layer]["row"])
-        row.update(resumed=True, errors=None, seconds=0.0)
-        return row
+    def _resumed(self, layer: int) -> LayerResult:
+        return LayerResult.from_commit(self.committed[layer]["row"])
 
     def _rebuild(self, layer: int):
         """The committed layer's fake-quant view, read back from its shard."""

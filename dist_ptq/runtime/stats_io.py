@@ -1,7 +1,9 @@
 """Merged calibration statistics on disk: calibrate once, quantize many (``quantize --stats DIR``).
 
 One ``layer_XXXXX.npz`` per layer plus ``stats.json`` with the model fingerprint and the calibration
-data's hash; ``quantize --stats`` refuses statistics taken on another model.
+data's hash; ``quantize --stats`` refuses statistics taken on another model. Only the per-channel
+max/min and token counts are kept: the configs --stats serves need nothing else (the coordinator
+refuses GPTQ, AWQ and weight_clip, which need Hessians or input samples, before reading these).
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ def save(out_dir: Path | str, stats: dict[int, LayerStats], fingerprint: str, ca
         for tap, st in sorted(taps.items()):
             arrays[f"{tap}.absmax"], arrays[f"{tap}.min"], arrays[f"{tap}.max"] = st.absmax, st.min, st.max
             arrays[f"{tap}.tokens"] = np.array(st.tokens, np.int64)
-            if st.hessian_sum is not None:
-                arrays[f"{tap}.hessian_sum"] = st.hessian_sum
         np.savez(partial / f"layer_{layer:05d}.npz", **arrays)
     meta = {"format": FORMAT, "model_fingerprint": fingerprint, "calibration": calib, "layers": len(stats)}
     (partial / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -63,10 +63,7 @@ def load(stats_dir: Path | str, fingerprint: str, num_layers: int) -> tuple[dict
         with np.load(path) as z:
             taps = sorted({k.split(".")[0] for k in z.files})
             out[layer] = {
-                t: ChannelStats(
-                    z[f"{t}.absmax"], z[f"{t}.min"], z[f"{t}.max"], int(z[f"{t}.tokens"]),
-                    z[f"{t}.hessian_sum"] if f"{t}.hessian_sum" in z.files else None,
-                )
+                t: ChannelStats(z[f"{t}.absmax"], z[f"{t}.min"], z[f"{t}.max"], int(z[f"{t}.tokens"]))
                 for t in taps
             }
     return out, meta["calibration"]
