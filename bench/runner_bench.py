@@ -37,11 +37,11 @@ t0 = time.time()
 if a["workers"] * a.get("replicas", 1) > 1 or a.get("ray"):
     import ray
     ray.init(num_cpus=a["workers"] * a.get("replicas", 1), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DIST_PTQ_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
 t1 = time.time()
 rep = quantize(a["model"], a["config"], a["out"], calib=a.get("calib"), num_samples=a.get("num_samples", 16),
                seq_len=a.get("seq_len", 256), batch=a.get("batch", 4), workers=a["workers"], replicas=a.get("replicas", 1),
-               schedule=a.get("schedule", "auto"), progress=False)
+               schedule=a.get("schedule", "auto"), progress=False, threads=a.get("threads", 1))
 t2 = time.time()
 workers = [r["peak_rss_mb"] for s in rep["stages"] for r in s["replicas"]]
 print("RESULT " + json.dumps({"seconds": t2 - t1, "ray_start_s": t1 - t0,
@@ -51,7 +51,7 @@ print("RESULT " + json.dumps({"seconds": t2 - t1, "ray_start_s": t1 - t0,
 
 
 def run_child(**kw) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DIST_PTQ_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw)], capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -162,7 +162,6 @@ def bench_speedup(work: Path, layers: int) -> None:
 
 
 def bench_compute(work: Path) -> None:
-    os.environ["DIST_PTQ_THREADS"] = "1"
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, as each pinned worker has
     import mindspore as ms
     import numpy as np

@@ -140,3 +140,14 @@ def test_two_node_cluster_places_one_stage_per_node(setup, tmp_path):
         ray.shutdown()
         cluster.shutdown()
         ray.init(num_cpus=4, include_dashboard=False, runtime_env=RAY_ENV, log_to_driver=False)
+
+
+def test_a_blacklist_entry_matching_no_layer_is_warned_about(setup, tmp_path):
+    """A typo in opname_blacklist would quantize what the user meant to keep: the runner names it."""
+    from dist_ptq.config import PTQConfig
+
+    _, model = setup
+    cfg = PTQConfig(opname_blacklist=["layers.0.mlp", "layers.9.self_attn"])
+    with pytest.warns(UserWarning, match=r"match no layer of the model .*'layers\.9\.self_attn'") as got:
+        quantize(model, cfg, tmp_path / "out", progress=False)
+    assert "'layers.0.mlp'" not in str(got[0].message)

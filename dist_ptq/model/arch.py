@@ -128,6 +128,15 @@ class ArchSpec:
         p = self.layer_prefix(i)
         return {p + k: v for k, v in self.layer(i).shapes.items()}
 
+    def module_names(self) -> list[str]:
+        """Every name a config is asked about (``PTQConfig.config_for``): each linear, and each layer's
+        ``self_attn`` for its KV cache."""
+        out = []
+        for i in range(self.num_layers):
+            p = self.layer_prefix(i)
+            out += [p + m for m in self.layer(i).linear_names] + [p + "self_attn"]
+        return out
+
     def global_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size), "model.norm.weight": (self.hidden_size,)}
         if not self.tie_word_embeddings:

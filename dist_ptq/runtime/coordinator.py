@@ -30,7 +30,7 @@ import numpy as np
 from ray.exceptions import RayActorError
 
 from dist_ptq.calib.data import make_samples, token_ids
-from dist_ptq.config import OutliersSuppressionType, PrecisionRecovery, PTQConfig, PTQMode, load_yaml
+from dist_ptq.config import OutliersSuppressionType, PrecisionRecovery, PTQConfig, PTQMode, load_yaml, warn_unmatched
 from dist_ptq.errors import CalibrationError, ConfigError
 from dist_ptq.export import commit, unified
 from dist_ptq.export import tp as tp_export
@@ -263,6 +263,7 @@ def _check_recipe(cfg: PTQConfig, spec: ArchSpec, schedule: Schedule | str, tp: 
                   stats: Path | str | None) -> Schedule:
     """Everything that can be refused before reading a weight: schedule, TP split, group sizes, --stats."""
     sched = resolve_schedule(cfg, schedule)
+    warn_unmatched(cfg, spec.module_names())
     if tp is not None:
         tp_export.check_config(spec, cfg, tp)
     check_group_sizes(spec, cfg)
