@@ -688,3 +688,15 @@ def test_property_construct_or_value_type_error_and_round_trip(kwargs):
     assert list(back.layer_policies) == list(cfg.layer_policies)
     assert linear_scheme(back) == linear_scheme(cfg)
     assert back.is_data_free == cfg.is_data_free
+
+
+def test_a_blacklist_inherited_by_a_yaml_policy_is_not_reported_twice(tmp_path):
+    """YAML policies inherit the top-level blacklist; it matches layer 0's attention, not the policy's down_proj."""
+    from dist_ptq.config import load_yaml
+    from tests.common import CONFIGS
+
+    cfg = load_yaml(CONFIGS / "w4a16_g128_mixed.yaml")
+    names = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    assert cfg.layer_policies[r"mlp\.down_proj$"].opname_blacklist == ["layers.0.self_attn"]
+    assert unmatched_patterns(cfg, names) == []
+    assert unmatched_patterns(cfg, [n for n in names if "layers.0." not in n]) == ["layers.0.self_attn"]

@@ -18,15 +18,18 @@ def unmatched_patterns(cfg: PTQConfig, names: list[str]) -> list[str]:
 
     Matching is as :meth:`PTQConfig.config_for` does it: a blacklist entry matches a name it is a
     substring of, a policy pattern one it ``re.search``-es. Checked: the top-level blacklist against
-    every name, each policy pattern against every name, and each policy's own blacklist against the
-    names its pattern matches (elsewhere it never applies). An entry may be listed once per place.
+    every name, each policy pattern against every name, and each policy's own blacklist (entries it
+    does not share with the top level, as YAML policies inherit it) against the names its pattern
+    matches (elsewhere it never applies). An entry may be listed once per place.
     """
     out = [entry for entry in cfg.opname_blacklist if not any(entry in name for name in names)]
     for pattern, policy in cfg.layer_policies.items():
         covered = [name for name in names if re.search(pattern, name)]
         if not covered:
             out.append(pattern)
-        out.extend(entry for entry in policy.opname_blacklist if not any(entry in name for name in covered))
+        # a policy read from YAML inherits the top-level blacklist, which was checked above
+        own = [e for e in policy.opname_blacklist if e not in cfg.opname_blacklist]
+        out.extend(entry for entry in own if not any(entry in name for name in covered))
     return out
 
 

@@ -26,7 +26,7 @@ class LinearSpec:
     """One linear of a decoder layer: the input it reads and how tensor parallelism splits it."""
 
     name: str  # layer-local HF name, e.g. 'self_attn.q_proj'
-    group: str  # the tap of the activation feeding it (linears of one group share that input)
+    group: str  # its input group, named by the forward's tap of that activation (one group, one input)
     parallel: str  # COLUMN or ROW
     split_by: str  # what its split dim is made of: 'q_heads', 'kv_heads' (one head's rows stay together) or 'channels'
 

@@ -124,18 +124,18 @@ def _apply_awq(index: int, w: ChainMap, groups: dict, stats: LayerStats | None, 
     return searched, changed, smooth
 
 
-def _quantize_weight(w: np.ndarray, c: PTQConfig, stats: LayerStats | None, tap: str, x_div: np.ndarray | None,
+def _quantize_weight(w: np.ndarray, c: PTQConfig, stats: LayerStats | None, group: str, x_div: np.ndarray | None,
                      layer: int, name: str) -> tuple[np.ndarray, np.ndarray, Recovery]:
     """(scale, q, recovery) of one weight whose input is X / x_div: clip search, then GPTQ or RTN."""
     bits, g, rec = c.weight_bits, c.group_size, Recovery()
     ratio = 1.0
     if c.weight_clip or c.outliers_suppression is OutliersSuppressionType.AWQ:
-        x = _sample(stats, tap, layer)
+        x = _sample(stats, group, layer)
         x = x if x_div is None else x / x_div[None, :]
         ratio = clip_search(x, w, bits, g, c.algo(AWQConfig).weight_clip_ratio)
         rec.clip_ratio_mean = float(ratio.mean())
     if c.precision_recovery is PrecisionRecovery.GPTQ:
-        h = _need(stats, tap, layer).hessian()
+        h = _need(stats, group, layer).hessian()
         h = h if x_div is None else h / np.outer(x_div.astype(np.float64), x_div.astype(np.float64))
         a = c.algo(GPTQQuantConfig)
         r = gptq_quantize(w, h, bits, g, a.block_size, a.damp_percent, a.desc_act, a.static_groups, ratio, name)
