@@ -6,12 +6,13 @@
    embed, L0..Lk   embed, L0..Lk      Lk+1..LN-1     Lk+1..LN-1
         └─ micro-batches b ≡ r (mod R) flow r → r through the object store ─┘
 
-Schedules:
-  pipeline    every micro-batch streams through all stages in float, each stage recording
-              statistics; merged per layer in micro-batch order; then all stages quantize at once.
-  sequential  stage by stage, layer by layer: statistics on the outputs of the already-quantized
-              layers before, merged across replicas, quantize, propagate the quantized outputs.
+Schedules (both calibrated ones layer-major within a stage: each layer read once, all the replica's
+micro-batches through it, statistics merged over all micro-batches, quantized, measured, released):
+  pipeline    the next layer sees the float outputs: statistics of the float model, as if every
+              micro-batch streamed through all float layers first (the same bytes).
+  sequential  the next layer sees the quantized outputs (statistics on quantized inputs: GPTQ, AWQ).
   data-free   no calibration: every stage reads, quantizes and writes its layers at once.
+A stage's micro-batches reach the next stage through the object store, one object each.
 With one worker and one replica, the stage runs in the driver: same code, no Ray.
 
 ``quantize`` reads as its steps: check the recipe, load the calibration input, pin the recipe in
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import ray
 from ray.exceptions import RayActorError
 
 from dist_ptq.calib.data import make_samples, token_ids
@@ -39,6 +41,7 @@ from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.fingerprint import model_fingerprint, sha256_file
 from dist_ptq.quant.observers import LayerStats, merge_layer_stats
 from dist_ptq.runtime import stats_io
+from dist_ptq.runtime.activations import default_budget, parse_bytes
 from dist_ptq.runtime.layer_result import LayerResult
 from dist_ptq.runtime.layer_steps import Needs
 from dist_ptq.runtime.plan import Stage, check_group_sizes, plan_stages, replica_batches, tensor_bytes
@@ -82,16 +85,21 @@ def calibration_needs(cfg: PTQConfig, num_batches: int) -> Needs:
     return Needs(hessian=hessian, sample_rows=rows)
 
 
-def invoke(method, *args, returns: int = 1):
-    """Call a stage method: a Ray actor method (returns refs) or a local bound method (returns values)."""
+def activation_budget(activation_memory: int | str | None, n_workers: int) -> int:
+    """Bytes of hidden states each worker keeps in memory: as asked, or a quarter of this node's
+    available memory over the run's workers (on a cluster that assumes them all on one node, so it
+    can only spill early, never run a node out of memory)."""
+    return default_budget(n_workers) if activation_memory is None else parse_bytes(activation_memory)
+
+
+def invoke(method, *args):
+    """Call a stage method: a Ray actor method (returns a ref) or a local bound method (returns the value)."""
     if hasattr(method, "remote"):
-        return method.options(num_returns=returns).remote(*args) if returns > 1 else method.remote(*args)
+        return method.remote(*args)
     return method(*args)
 
 
 def resolve(x):
-    import ray
-
     if isinstance(x, ray.ObjectRef):
         return ray.get(x)
     if isinstance(x, list) and x and isinstance(x[0], ray.ObjectRef):
@@ -117,8 +125,6 @@ class Workers:
             settings, writer, committed = worker_args(stages[0], 0)
             self.grid = [[StageWorker(replace(settings, pin_cpu=False), stages[0], writer, committed)]]
             return
-        import ray
-
         from dist_ptq.runtime import ray_cluster
 
         self.ray = True
@@ -144,8 +150,10 @@ class Workers:
                 for w in row:
                     w.close()
             return
-        import ray
-
+        try:  # let each worker remove its spilled hidden states; a dead one has nothing to say
+            ray.get([w.close.remote() for row in self.grid for w in row], timeout=60)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            pass
         for row in self.grid:
             for w in row:
                 ray.kill(w)
@@ -159,79 +167,87 @@ def merge_batches(per_batch: dict[int, dict[int, LayerStats]], layers) -> dict[i
     return {i: merge_layer_stats([per_batch[b][i] for b in order]) for i in layers}
 
 
-def stream_calibration(workers: Workers, batches: list[np.ndarray], progress: Progress, keep: bool) -> dict[int, LayerStats]:
-    """Every micro-batch through every stage in float; statistics merged per layer in batch order.
+def gather(calls: list[tuple[int, Callable[[], object]]], on_done: Callable[[int], None]) -> dict[int, object]:
+    """Run ``calls`` (key, thunk returning a value or a Ray ref) and collect key → value, calling
+    ``on_done(key)`` as each finishes: locally after each call, under Ray as each ref completes (a
+    replica's calls run in order on its actor, the replicas side by side)."""
+    out, pending = {}, {}
+    for key, call in calls:
+        x = call()
+        if isinstance(x, ray.ObjectRef):
+            pending[x] = key
+        else:
+            out[key] = x
+            on_done(key)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(ready[0])
+        out[key] = ray.get(ready[0])
+        on_done(key)
+    return out
 
-    Stage k works on micro-batch b while stage k+1 works on b-1: the hidden states move between
-    actors through the object store without passing the driver.
+
+def run_layer_major(workers: Workers, batches: list[np.ndarray], progress: Progress, done: set[int],
+                    sched: Schedule | None) -> tuple[list[LayerResult], dict[int, LayerStats]]:
+    """Calibrate, quantize and measure layer by layer within each stage; ``sched`` None: calibrate only.
+
+    Per stage, the stage's micro-batches arrive from the stage before through the object store (the
+    first stage embeds them); then for each layer: every replica loads it once and runs each of its
+    micro-batches through it (float, recording statistics); the statistics are merged over all
+    micro-batches in micro-batch order; every replica quantizes the layer with them (replica 0
+    writes it) and measures its error on its micro-batches; the layer is released. What the next
+    layer sees: the float outputs (pipeline: statistics of the float model, so this is the same as
+    streaming every micro-batch through all float layers first, byte for byte) or the quantized
+    ones (sequential). A layer committed by an earlier attempt is not quantized again: in the
+    pipeline schedule it still runs in float (the next layers' statistics need its outputs), in the
+    sequential one it is rebuilt from its shard.
     """
-    grid, R = workers.grid, workers.replicas
-    per_stage: list[dict[int, object]] = [dict() for _ in grid]
+    grid, R, M = workers.grid, workers.replicas, len(batches)
+    owned = [replica_batches(M, R, r) for r in range(R)]
     for r in range(R):
-        for b in replica_batches(len(batches), R, r):
-            h = invoke(grid[0][r].embed, batches[b])
-            for k, row in enumerate(grid):
-                h, st = invoke(row[r].forward_observe, b, h, keep, returns=2)
-                per_stage[k][b] = st
-    stats = {}
+        resolve(invoke(grid[0][r].embed_inputs, {b: batches[b] for b in owned[r]}))
+    sequential = sched is Schedule.SEQUENTIAL
+    results, stats = [], {}
     for k, st in enumerate(workers.stages):
-        got = dict(zip(per_stage[k], resolve(list(per_stage[k].values()))))
-        stats.update(merge_batches(got, st.layers))
-        progress.calibrated(k, len(batches))
-    return stats
-
-
-def run_pipeline(workers: Workers, batches: list[np.ndarray], progress: Progress,
-                 stats: dict[int, LayerStats] | None = None) -> list[LayerResult]:
-    """Float calibration streaming through the stages (unless statistics are given), then every
-    stage quantizes at once; with calibration data, each layer's error is measured too."""
-    grid = workers.grid
-    if stats is None and batches:
-        stats = stream_calibration(workers, batches, progress, keep=True)
-    measure = bool(batches)
-    futures = [
-        [invoke(w.quantize_stage, {i: stats[i] for i in st.layers} if stats else None, measure) for w in (row if measure else row[:1])]
-        for st, row in zip(workers.stages, grid)
-    ]
-    results = []
-    for k, fs in enumerate(futures):
-        results.extend(combine_replicas([resolve(f) for f in fs]))
-        progress.quantized(k, len(workers.stages[k].layers))
-    return results
-
-
-def run_sequential(workers: Workers, batches: list[np.ndarray], progress: Progress, done: set[int]) -> list[LayerResult]:
-    """Layer by layer; a committed layer (``done``) is rebuilt from its shard instead of calibrated."""
-    grid, R = workers.grid, workers.replicas
-    for r in range(R):
-        resolve(invoke(grid[0][r].embed_inputs, {b: batches[b] for b in replica_batches(len(batches), R, r)}))
-    results = []
-    for k, st in enumerate(workers.stages):
-        if k > 0:
-            outs = [invoke(w.take_outputs) for w in grid[k - 1]]
-            resolve([invoke(grid[k][r].set_inputs, outs[r]) for r in range(R)])
+        row = grid[k]
+        if k > 0:  # stage k-1 → k, replica r → r, one object per micro-batch, not through the driver
+            resolve([invoke(row[r].receive, b, invoke(grid[k - 1][r].send, b)) for r in range(R) for b in owned[r]])
+        progress.start(k)
         for i in st.layers:
             merged = None
-            if i not in done:
-                parts = resolve([invoke(w.observe_layer, i) for w in grid[k]])
-                per_batch = {b: {i: s} for part in parts for b, s in part.items()}
-                merged = merge_batches(per_batch, [i])[i]
-            per_replica = [[res] for res in resolve([invoke(w.apply_layer, i, merged) for w in grid[k]])]
-            results.extend(combine_replicas(per_replica))
-            progress.quantized(k, 1)
+            if not (sequential and i in done):
+                per_batch = gather([(b, lambda r=r, b=b: invoke(row[r].observe, i, b)) for r in range(R) for b in owned[r]],
+                                   lambda b: progress.step(k, i, "calibrating", b))
+                if i not in done:
+                    merged = merge_batches({b: {i: s} for b, s in per_batch.items()}, [i])[i]
+                del per_batch
+            else:
+                progress.skip(k, M)
+            errors = {}
+            if sched is not None:
+                resolve([invoke(w.quantize, i, merged) for w in row])
+                if sequential or i not in done:
+                    errors = gather([(b, lambda r=r, b=b: invoke(row[r].measure, i, b)) for r in range(R) for b in owned[r]],
+                                    lambda b: progress.step(k, i, "measuring", b))
+                else:
+                    progress.skip(k, M)
+            else:
+                stats[i] = merged
+            res = resolve([invoke(w.end_layer, i) for w in row])[0]
+            if res is not None:
+                results.append(replace(res, errors=errors))
+    return results, stats
+
+
+def run_without_data(workers: Workers, stats: dict[int, LayerStats] | None, progress: Progress) -> list[LayerResult]:
+    """No calibration input: each stage's writer quantizes its layers at once, from --stats or data-free."""
+    futures = [invoke(row[0].quantize_stage, {i: stats[i] for i in st.layers} if stats else None)
+               for st, row in zip(workers.stages, workers.grid)]
+    results = []
+    for k, f in enumerate(futures):
+        results.extend(resolve(f))
+        progress.quantized(k, len(workers.stages[k].layers))
     return results
-
-
-def combine_replicas(per_replica: list[list[LayerResult]]) -> list[LayerResult]:
-    """Replica 0's results (the writer), with every replica's per-sample errors (each replica
-    measured its own micro-batches)."""
-    out = []
-    for j, res in enumerate(per_replica[0]):
-        errors: dict[int, np.ndarray] = {}
-        for rep in per_replica:
-            errors.update(rep[j].errors)
-        out.append(replace(res, errors=errors))
-    return out
 
 
 @dataclass
@@ -301,10 +317,10 @@ def _calibration_input(sched: Schedule, model_dir: Path, spec: ArchSpec, fingerp
 def _run_schedule(pool: Workers, sched: Schedule, data: CalibrationInput, bar: Progress,
                   done: set[int]) -> tuple[list[LayerResult], list[dict], list[list[dict]]]:
     """One attempt: every layer's result, the globals the first and last stage wrote, the placement."""
-    if sched is Schedule.SEQUENTIAL:
-        results = run_sequential(pool, data.batches, bar, done)
+    if data.batches:
+        results, _ = run_layer_major(pool, data.batches, bar, done, sched)
     else:
-        results = run_pipeline(pool, data.batches if sched is Schedule.PIPELINE else [], bar, stats=data.stats)
+        results = run_without_data(pool, data.stats, bar)
     last = len(pool.stages) - 1
     globs = [resolve(invoke(pool.grid[k][0].write_globals)) for k in sorted({0, last})]
     return results, globs, pool.placement()
@@ -379,6 +395,7 @@ def quantize(
     threads: int | None = None,
     pin_cpu: bool = True,
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+    activation_memory: int | str | None = None,
 ) -> dict:
     """Quantize ``model_dir`` with ``config`` into ``out_dir``; returns the report (also report.json).
 
@@ -388,12 +405,15 @@ def quantize(
     :func:`dist_ptq.export.tp.shard`); a recipe whose output cannot be split N ways is refused first.
     ``threads`` bounds MindSpore's CPU threads when the one worker runs in the driver (Ray actors run
     one each); ``pin_cpu`` lets each CPU Ray actor pin itself to a core of its own (runtime/cpu_pin.py);
-    ``placement_timeout_s`` is how long to wait for NPU actors to be placed."""
+    ``placement_timeout_s`` is how long to wait for NPU actors to be placed. ``activation_memory``
+    (bytes or a size such as "2GiB") bounds the calibration hidden states each worker keeps in memory;
+    beyond it they spill to local disk (runtime/activations.py). Default: :func:`activation_budget`."""
     t_start = time.time()
     cfg = _load_config(config)
     model_dir, out_dir = Path(model_dir).absolute(), Path(out_dir).absolute()  # actors on other nodes resolve paths themselves
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
+    act_bytes = activation_budget(activation_memory, workers * replicas)
     spec, model_dtype = _read_source(model_dir)
     sched = _check_recipe(cfg, spec, schedule, tp, stats)
     stages = plan_stages(*tensor_bytes(spec, ITEMSIZE[model_dtype]), workers)
@@ -411,12 +431,14 @@ def quantize(
     settings = WorkerSettings(
         model_dir=str(model_dir), cfg=record["config"], partial=str(partial), seq_len=seq_len,
         needs=calibration_needs(cfg, len(data.batches)), recipe=commit.start(partial, record, resume),
-        device=device, threads=threads, pin_cpu=pin_cpu,
+        device=device, threads=threads, pin_cpu=pin_cpu, activation_memory=act_bytes,
+        hand_on_quantized=sched is Schedule.SEQUENTIAL,
     )
-    first = "calibrating" if sched is Schedule.PIPELINE and data.batches else sched.value
+    first = "calibrating" if data.batches else sched.value
     results, globs, placement, resumed = _run_with_restarts(
         settings, stages, replicas, sched, data, address, placement_timeout_s, max_restarts,
-        lambda: Progress(stages, first, enabled=progress, tokens_per_batch=batch * seq_len),
+        lambda: Progress(stages, first, enabled=progress, tokens_per_batch=batch * seq_len,
+                         steps_per_layer=2 * len(data.batches)),
     )
     commit.clear(partial)
     weight_map, description, act_params, reports = _collect(results, globs, spec.num_layers)
@@ -431,6 +453,7 @@ def quantize(
         "replicas": replicas,
         "schedule": sched.value,
         "resumed_layers": sorted(resumed),
+        "activation_memory_bytes": act_bytes,
         "stages": [
             {"index": s.index, "layers": [s.layers[0], s.layers[-1]], "bytes": s.nbytes, "replicas": placement[s.index]}
             for s in stages
@@ -458,6 +481,7 @@ def calibrate(
     threads: int | None = None,
     pin_cpu: bool = True,
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+    activation_memory: int | str | None = None,
 ) -> Path:
     """Run the pipeline's calibration pass only and save the merged statistics (``quantize --stats``).
 
@@ -468,11 +492,13 @@ def calibrate(
     stages = plan_stages(*tensor_bytes(spec, ITEMSIZE[model_dtype]), workers)
     data = _samples(calib, model_dir, spec, num_samples, seq_len, batch)
     settings = WorkerSettings(model_dir=str(model_dir), cfg=PTQConfig().to_dict(), partial="", seq_len=seq_len,
-                              device=device, threads=threads, pin_cpu=pin_cpu)
+                              device=device, threads=threads, pin_cpu=pin_cpu,
+                              activation_memory=activation_budget(activation_memory, workers * replicas))
     pool = Workers(stages, replicas, lambda stage, r: (settings, False, {}), address, placement_timeout_s)
-    bar = Progress(stages, "calibrating", enabled=progress, tokens_per_batch=batch * seq_len)
+    bar = Progress(stages, "calibrating", enabled=progress, tokens_per_batch=batch * seq_len,
+                   steps_per_layer=len(data.batches))
     try:
-        merged = stream_calibration(pool, data.batches, bar, keep=False)
+        _, merged = run_layer_major(pool, data.batches, bar, set(), None)
     finally:
         bar.close()
         pool.close()

@@ -1,4 +1,5 @@
-"""What the driver shows: a live bar per stage (layers done, phase, tokens/s), then the layer table."""
+"""What the driver shows: a live bar per stage (layer and micro-batch in flight, tokens/s, ETA), then
+the layer table."""
 
 from __future__ import annotations
 
@@ -8,29 +9,66 @@ from tqdm import tqdm
 
 from dist_ptq.runtime.plan import Stage
 
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}"
+
+
+def eta_text(seconds: float) -> str:
+    """'1h02m', '3m05s', '12s': what is left, short enough for a bar."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
 
 class Progress:
-    def __init__(self, stages: list[Stage], phase: str, enabled: bool = True, tokens_per_batch: int = 0):
-        """``phase``: what the bars say until the first stage reports ('calibrating', or the schedule)."""
-        self.t0 = time.time()
-        self.tokens_per_batch = tokens_per_batch
+    """One bar per stage. With calibration data a stage's bar counts micro-batch passes
+    (``steps_per_layer`` per layer: calibrating and measuring each micro-batch); without, layers."""
+
+    def __init__(self, stages: list[Stage], phase: str, enabled: bool = True, tokens_per_batch: int = 0,
+                 steps_per_layer: int = 0):
+        """``phase``: what the bars say until the stage starts ('calibrating', or the schedule)."""
+        self.tokens_per_batch, self.steps_per_layer = tokens_per_batch, steps_per_layer
+        self.started: dict[int, tuple[float, int]] = {}  # stage → (start time, steps then)
         self.bars = [
             tqdm(
-                total=len(st.layers),
+                total=len(st.layers) * (steps_per_layer or 1),
                 desc=f"stage {st.index} (layers {st.layers[0]}-{st.layers[-1]})",
-                unit="layer",
+                unit="pass" if steps_per_layer else "layer",
                 position=k,
                 leave=True,
                 disable=not enabled,
+                bar_format=BAR_FORMAT if steps_per_layer else None,
             )
             for k, st in enumerate(stages)
         ]
         for bar in self.bars:
-            bar.set_postfix_str(phase)
+            bar.set_postfix_str(phase if steps_per_layer == 0 else "waiting", refresh=False)
 
-    def calibrated(self, stage: int, batches: int) -> None:
-        rate = batches * self.tokens_per_batch / max(time.time() - self.t0, 1e-9)
-        self.bars[stage].set_postfix_str(f"calibrated {batches} micro-batches, {rate:,.0f} tok/s; quantizing")
+    def start(self, stage: int) -> None:
+        """The stage begins its layers: rates and ETA count from here, not from the run's start."""
+        self.started[stage] = (time.time(), self.bars[stage].n)
+        self.bars[stage].set_postfix_str("loading")
+
+    def status(self, stage: int, layer: int, phase: str, batch: int) -> str:
+        """The postfix after a step: layer and micro-batch in flight, tokens/s, ETA of the stage."""
+        bar = self.bars[stage]
+        t0, n0 = self.started.get(stage, (time.time(), 0))
+        done, elapsed = bar.n - n0, max(time.time() - t0, 1e-9)
+        rate = done * self.tokens_per_batch / elapsed
+        eta = (bar.total - bar.n) * elapsed / max(done, 1)
+        return f"layer {layer} {phase} micro-batch {batch}, {rate:,.0f} tok/s, ETA {eta_text(eta)}"
+
+    def step(self, stage: int, layer: int, phase: str, batch: int) -> None:
+        """One micro-batch of ``layer`` went through ``phase`` ('calibrating' or 'measuring')."""
+        bar = self.bars[stage]
+        bar.update(1)
+        bar.set_postfix_str("done" if bar.n >= bar.total else self.status(stage, layer, phase, batch))
+
+    def skip(self, stage: int, steps: int) -> None:
+        """Steps a resumed layer does not need (its commit stands for them)."""
+        self.bars[stage].update(steps)
 
     def quantized(self, stage: int, layers: int) -> None:
         self.bars[stage].update(layers)

@@ -1,9 +1,13 @@
 """A stage worker: one contiguous range of decoder layers, one replica.
 
-It reads only its own layers' tensors (lazily), runs them on the micro-batches it is given, returns
-statistics, quantizes with the statistics the coordinator merged, and writes its layers' shards.
-It knows nothing of scheduling: the coordinator calls these methods in the order a schedule needs.
-Under Ray it is an actor (``ray.remote(StageWorker)``); with one worker it runs in the driver.
+It reads only its own layers' tensors, each exactly once per run, and calibrates layer-major: a layer
+is loaded (float32, that layer only), every micro-batch of the replica is run through it (statistics
+returned per micro-batch), the layer is quantized with the statistics the coordinator merged, its
+error measured on the same micro-batches, and it is released before the next layer is read. The
+micro-batches' hidden states between layers live in :class:`~dist_ptq.runtime.activations.HiddenStates`
+(memory up to ``--activation-memory``, local disk beyond). It knows nothing of scheduling: the
+coordinator calls these methods in the order a schedule needs. Under Ray it is an actor
+(``ray.remote(StageWorker)``); with one worker it runs in the driver.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import mindspore as ms
@@ -20,20 +26,21 @@ import numpy as np
 from dist_ptq.config import BackendTarget, PTQConfig
 from dist_ptq.export import commit, unified
 from dist_ptq.model.checkpoint import Checkpoint
-from dist_ptq.model.forward import configure_mindspore, decoder_layer, embed, to_tensor
+from dist_ptq.model.forward import configure_mindspore, decoder_layer
 from dist_ptq.model.layer_source import Rope
+from dist_ptq.model.safetensors_io import DTYPES, SafetensorsFile, bf16_bits_to_float32
 from dist_ptq.quant.fake import fake_kv, fake_linear, layer_weights_for
 from dist_ptq.quant.layer import QuantizedLayer, quantize_layer
-from dist_ptq.model.safetensors_io import SafetensorsFile
 from dist_ptq.quant.observers import LayerStats
 from dist_ptq.quant.rebuild import layer_aux, rebuild_layer
 from dist_ptq.runtime import cpu_pin
+from dist_ptq.runtime.activations import Budget, HiddenStates
 from dist_ptq.runtime.layer_result import LayerResult
 from dist_ptq.runtime.layer_steps import (Needs, activation_record, batch_errors, deploy_tensors, observe_batch,
                                          recovery_record)
 from dist_ptq.runtime.plan import Stage
 
-CACHE_LIMIT_BYTES = 4 << 30
+EMBED = "model.embed_tokens.weight"
 
 
 def shard_file(backend: BackendTarget, i: int, n: int) -> str:
@@ -56,12 +63,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def rows_float32(stored: np.ndarray, tag: str, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` of a stored float tensor as float32: what gathering from its float32 copy gives,
+    without making that copy (the embedding of a 7B model is 0.5 GB in float32)."""
+    rows = stored[np.asarray(ids, dtype=np.int64)]
+    return bf16_bits_to_float32(rows) if tag == "BF16" else rows.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """What every stage worker of one run is given; plain data, so it pickles to Ray actors.
 
     ``threads`` and ``pin_cpu`` are passed explicitly (nothing is read from the environment in the
     worker): Ray actors run one MindSpore thread each and, on CPU, pin themselves to a core of their own.
+    ``hand_on_quantized``: the next layer calibrates on this layer's quantized outputs (sequential
+    schedule) rather than its float ones (pipeline).
     """
 
     model_dir: str
@@ -73,7 +89,24 @@ class WorkerSettings:
     device: str = "cpu"
     threads: int | None = None  # MindSpore CPU kernel threads; None: MindSpore's default
     pin_cpu: bool = False
+    activation_memory: int = 2 << 30  # bytes of hidden states kept in memory before spilling to disk
+    spill_dir: str | None = None  # where spilled hidden states go; None: the system temp directory
+    hand_on_quantized: bool = False
     kill_after_commits: int | None = None  # fault injection for tests: SIGKILL itself after N commits
+
+
+@dataclass
+class _Layer:
+    """The layer in flight: its float32 tensors (numpy, shared with the MindSpore tensors), and once
+    quantized, the quantized layer and its result."""
+
+    index: int
+    arrays: dict[str, np.ndarray]
+    tensors: dict[str, ms.Tensor]
+    t0: float
+    ql: QuantizedLayer | None = None
+    result: LayerResult | None = None
+    measure: tuple | None = None  # (weights, linear, kv) of the quantized forward
 
 
 class StageWorker:
@@ -86,129 +119,151 @@ class StageWorker:
         self.cfg = PTQConfig.from_dict(settings.cfg)
         self.stage, self.partial, self.writer, self.needs = stage, Path(settings.partial), writer, settings.needs
         self.recipe, self.committed = settings.recipe, dict(committed or {})
+        self.hand_on_quantized = settings.hand_on_quantized
         self.kills_left = settings.kill_after_commits
         self.ckpt = Checkpoint(settings.model_dir)
         self.spec = self.ckpt.spec
-        self.reads: list[str] = []
-        self.ckpt.files.on_read = self.reads.append
-        self.model_dtype = self.ckpt.dtype_of("model.embed_tokens.weight")
+        self.reads: Counter[str] = Counter()
+        self.ckpt.files.on_read = self._count_read
+        self.model_dtype = self.ckpt.dtype_of(EMBED)
         self.rope = Rope(self.spec, settings.seq_len)
         self.n_shards = self.spec.num_layers + 2  # embedding, each layer, norm + lm_head
-        self.inputs: dict[int, np.ndarray] = {}  # micro-batch index → this stage's input hidden states
-        self._weights: dict[int, dict[str, ms.Tensor]] = {}
-        self._cache = stage.nbytes * 2 <= CACHE_LIMIT_BYTES  # float32 copies of the stage's layers
+        self.budget = Budget(settings.activation_memory, settings.spill_dir)
+        self.inputs = HiddenStates(self.budget, "a")  # micro-batch → input of the layer in flight
+        self.outputs = HiddenStates(self.budget, "b")  # micro-batch → its float (then handed-on) output
+        self.layer: _Layer | None = None
+        self._embed_written: dict | None = None  # the first stage's embedding shard, written while embedding
+
+    def _count_read(self, name: str) -> None:
+        self.reads[name] += 1
 
     # ---- reading -----------------------------------------------------------------------------
     def placement(self) -> dict:
         """Where this worker ran and what it touched, for the report: its Ray node (None in the
-        driver), the core it pinned itself to (None: not pinned), every tensor it read, its peak memory."""
+        driver), the core it pinned itself to (None: not pinned), every tensor it read and how many
+        reads and bytes that took, its peak memory and what its hidden states used."""
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"node": node, "cpu_core": self.cpu, "tensors_read": sorted(set(self.reads)),
-                "peak_rss_mb": round(peak_rss_mb(), 1)}
+        nbytes = sum(n * prod(self.ckpt.files.shape(t)) * np.dtype(DTYPES[self.ckpt.dtype_of(t)]).itemsize
+                     for t, n in self.reads.items())
+        return {"node": node, "cpu_core": self.cpu, "tensors_read": sorted(self.reads),
+                "tensor_reads": sum(self.reads.values()), "bytes_read": int(nbytes),
+                "peak_rss_mb": round(peak_rss_mb(), 1), "activations": self.budget.record()}
 
-    def _float(self, layer: int) -> dict[str, np.ndarray]:
-        return self.ckpt.layer(layer)
+    def _load(self, layer: int) -> _Layer:
+        """Layer ``layer`` in float32, read once; the previous layer is released first."""
+        if self.layer is not None and self.layer.index == layer:
+            return self.layer
+        self.layer = None
+        t0 = time.time()
+        arrays = self.ckpt.layer(layer)
+        self.layer = _Layer(layer, arrays, {k: ms.Tensor.from_numpy(v) for k, v in arrays.items()}, t0)
+        return self.layer
 
-    def _tensors(self, layer: int) -> dict[str, ms.Tensor]:
-        if layer in self._weights:
-            return self._weights[layer]
-        w = {k: to_tensor(v) for k, v in self._float(layer).items()}
-        if self._cache:
-            self._weights[layer] = w
-        return w
+    def embed_inputs(self, batches: dict[int, np.ndarray]) -> None:
+        """First stage: embed this replica's micro-batches and keep them as the first layer's inputs.
+        The embedding is read once, as stored; the writer writes its shard from that same read."""
+        stored, tag = self.ckpt.get_stored(EMBED)
+        for b, ids in sorted(batches.items()):
+            self.inputs.put(b, rows_float32(stored, tag, ids))
+        if self.writer and self._embed_written is None:
+            fname = shard_file(self.cfg.backend, 0, self.n_shards)
+            self._embed_written = unified.write_shard(self.partial, fname, {EMBED: stored}, set(), set(),
+                                                      self.model_dtype, stored={EMBED: tag})
 
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        return embed(to_tensor(self.ckpt.get("model.embed_tokens.weight")), ids).asnumpy()
+    # ---- moving micro-batches between stages -------------------------------------------------
+    def receive(self, batch: int, hidden: np.ndarray) -> None:
+        """A micro-batch from the previous stage (through the object store): an input of the first layer."""
+        self.inputs.put(batch, hidden)
 
-    # ---- pipeline schedule -------------------------------------------------------------------
-    def forward_observe(self, batch: int, hidden: np.ndarray, keep: bool) -> tuple[np.ndarray, dict[int, LayerStats]]:
-        """Float pass of one micro-batch through every layer of the stage, recording statistics;
-        ``keep`` stores the input for measuring the quantized layers later."""
-        if keep:
-            self.inputs[batch] = hidden
-        x, stats = ms.Tensor(hidden), {}
-        for i in self.stage.layers:
-            x, stats[i] = observe_batch(self._tensors(i), self.spec, self.rope, x, i, self.needs)
-        return x.asnumpy(), stats
+    def send(self, batch: int) -> np.ndarray:
+        """The stage's output of micro-batch ``batch``, for the next stage; it is not kept."""
+        return self.inputs.pop(batch)
 
-    def quantize_stage(self, merged: dict[int, LayerStats] | None, measure: bool) -> list[LayerResult]:
-        """Quantize every layer of the stage; with ``measure``, also each layer's error on the
-        stored inputs (float inputs flow on, as in the pipeline schedule)."""
-        xs = {b: ms.Tensor(h) for b, h in sorted(self.inputs.items())} if measure else {}
+    def batches(self) -> list[int]:
+        return self.inputs.keys()
+
+    # ---- one layer, layer-major --------------------------------------------------------------
+    def observe(self, layer: int, batch: int) -> LayerStats:
+        """Float pass of one micro-batch through ``layer`` (loaded on first use): its statistics;
+        the float output is kept for the next layer (pipeline) or for measuring (sequential)."""
+        w = self._load(layer).tensors
+        y, stats = observe_batch(w, self.spec, self.rope, ms.Tensor(self.inputs.get(batch)), layer, self.needs)
+        self.outputs.put(batch, y.asnumpy())
+        return stats
+
+    def quantize(self, layer: int, merged: LayerStats | None) -> None:
+        """Quantize the layer in flight with the merged statistics and write it (or take it from its
+        commit); then the float linears it replaced are released and the quantized forward prepared."""
+        cur = self._load(layer)
+        if layer in self.committed:
+            cur.result = self._resumed(layer)
+            if self.hand_on_quantized:  # the next layer calibrates on the committed layer's outputs
+                cur.ql = self._rebuild(layer)
+        else:
+            cur.result, cur.ql = self._quantize_and_write(layer, merged, cur.arrays)
+        if cur.ql is None:
+            return
+        have_float = len(self.outputs) == len(self.inputs)
+        if have_float:  # every float output is known: only the norms etc. are needed from here on
+            cur.tensors = {n: t for n, t in cur.tensors.items() if n.rsplit(".", 1)[0] not in cur.ql.linears}
+            cur.arrays = {n: a for n, a in cur.arrays.items() if n in cur.tensors}
+        wq = layer_weights_for(cur.ql, cur.tensors)  # AWQ may have changed float tensors (norms)
+        cur.measure = (wq, fake_linear(cur.ql, wq), fake_kv(cur.ql, self.spec.num_kv_heads, self.spec.head_dim))
+
+    def measure(self, layer: int, batch: int) -> np.ndarray:
+        """Per-sample error of the quantized layer on micro-batch ``batch``; in the sequential schedule
+        its quantized output replaces the float one as what the next layer sees."""
+        cur = self.layer
+        if cur is None or cur.index != layer or cur.measure is None:
+            raise RuntimeError(f"layer {layer} was not quantized on this worker before measuring; this is a bug in the coordinator")
+        x = ms.Tensor(self.inputs.get(batch))
+        if batch in self.outputs:
+            yf = ms.Tensor(self.outputs.get(batch))
+        else:  # a committed layer in the sequential schedule: no float pass ran
+            yf = decoder_layer(cur.tensors, self.spec, x, self.rope.cos_sin, self.rope.mask)
+        wq, lin, kv = cur.measure
+        yq = decoder_layer(wq, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=lin, kv=kv)
+        errors = batch_errors(x, yf, yq)
+        if self.hand_on_quantized:
+            self.outputs.put(batch, yq.asnumpy())
+        return errors
+
+    def end_layer(self, layer: int) -> LayerResult | None:
+        """Release the layer; its outputs become the next layer's inputs. Returns its result (None
+        when nothing was quantized: calibration only)."""
+        cur = self.layer
+        if cur is None or cur.index != layer:
+            raise RuntimeError(f"layer {layer} is not the layer in flight on this worker; this is a bug in the coordinator")
+        self.layer = None
+        self.inputs.clear()
+        self.inputs, self.outputs = self.outputs, self.inputs
+        if cur.result is not None and layer not in self.committed:
+            cur.result.seconds = time.time() - cur.t0
+        return cur.result
+
+    # ---- without calibration data ------------------------------------------------------------
+    def quantize_stage(self, merged: dict[int, LayerStats] | None) -> list[LayerResult]:
+        """Quantize every layer of the stage from given statistics (--stats) or none (data-free);
+        without statistics a layer is read linear by linear, since no forward needs it whole."""
         results = []
         for i in self.stage.layers:
             t0 = time.time()
             if i in self.committed:
-                result = self._resumed(i)
-                if measure:
-                    w = self._tensors(i)
-                    xs = {b: decoder_layer(w, self.spec, x, self.rope.cos_sin, self.rope.mask) for b, x in xs.items()}
-            else:
-                result, ql = self._quantize_and_write(i, None if merged is None else merged[i])
-                if measure:
-                    result.errors, xs = self._measure(i, ql, xs, hand_on="float")
-                result.seconds = time.time() - t0
+                results.append(self._resumed(i))
+                continue
+            weights = self.ckpt.layer_lazy(i) if merged is None else self.ckpt.layer(i)
+            result, _ = self._quantize_and_write(i, None if merged is None else merged[i], weights)
+            result.seconds = time.time() - t0
             results.append(result)
-            self._weights.pop(i, None)
-        self.inputs.clear()
         return results
 
-    # ---- sequential schedule -----------------------------------------------------------------
-    def set_inputs(self, hidden: dict[int, np.ndarray]) -> None:
-        self.inputs.update(hidden)
-
-    def embed_inputs(self, batches: dict[int, np.ndarray]) -> None:
-        """First stage, sequential schedule: embed this replica's micro-batches and keep them."""
-        for b, ids in sorted(batches.items()):
-            self.inputs[b] = self.embed(ids)
-
-    def observe_layer(self, layer: int) -> dict[int, LayerStats]:
-        """Statistics of ``layer`` on the stored inputs (the quantized outputs of the layers before)."""
-        out = {}
-        for b, h in sorted(self.inputs.items()):
-            _, out[b] = observe_batch(self._tensors(layer), self.spec, self.rope, ms.Tensor(h), layer, self.needs)
-        return out
-
-    def apply_layer(self, layer: int, merged: LayerStats | None) -> LayerResult:
-        """Quantize ``layer`` with merged statistics (or rebuild it from its commit), then move the
-        stored inputs through its quantized form."""
-        t0 = time.time()
-        if layer in self.committed:
-            result, ql = self._resumed(layer), self._rebuild(layer)
-        else:
-            result, ql = self._quantize_and_write(layer, merged)
-        xs = {b: ms.Tensor(h) for b, h in sorted(self.inputs.items())}
-        result.errors, xs = self._measure(layer, ql, xs, hand_on="quant")
-        self.inputs = {b: x.asnumpy() for b, x in xs.items()}
-        result.seconds = time.time() - t0
-        self._weights.pop(layer, None)
-        return result
-
-    def take_outputs(self) -> dict[int, np.ndarray]:
-        out, self.inputs = self.inputs, {}
-        return out
-
     # ---- shared ------------------------------------------------------------------------------
-    def _measure(self, layer: int, ql, xs: dict, hand_on: str):
-        w = self._tensors(layer)
-        wq = layer_weights_for(ql, w)  # AWQ may have changed float tensors (norms)
-        lin, kv = fake_linear(ql, wq), fake_kv(ql, self.spec.num_kv_heads, self.spec.head_dim)
-        errors, nxt = {}, {}
-        for b, x in xs.items():
-            yf = decoder_layer(w, self.spec, x, self.rope.cos_sin, self.rope.mask)
-            yq = decoder_layer(wq, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=lin, kv=kv)
-            errors[b] = batch_errors(x, yf, yq)
-            nxt[b] = yf if hand_on == "float" else yq
-        return errors, nxt
-
-    def _quantize_and_write(self, layer: int, stats: LayerStats | None) -> tuple[LayerResult, QuantizedLayer]:
-        """Quantize ``layer``; the writer also writes its shard and commits it. Returns the result and
-        the quantized layer (for measuring its error)."""
+    def _quantize_and_write(self, layer: int, stats: LayerStats | None, weights) -> tuple[LayerResult, QuantizedLayer]:
+        """Quantize ``layer`` from its float ``weights``; the writer also writes its shard and commits
+        it. Returns the result and the quantized layer (for measuring its error)."""
         prefix = self.spec.layer_prefix(layer)
-        # without statistics nothing runs the float layer, so read it linear by linear
-        weights = self.ckpt.layer_lazy(layer) if stats is None else self._float(layer)
         ql = quantize_layer(layer, weights, stats, self.cfg, self.spec, self.model_dtype)
         tensors, mdt, int4, desc = deploy_tensors(ql, self.cfg.backend)
         result = LayerResult(layer=layer, recovery=recovery_record(ql))
@@ -246,20 +301,18 @@ class StageWorker:
 
     def write_globals(self) -> dict:
         """The first stage writes the embedding, the last the final norm and lm_head, as float."""
-        names, index = [], []
+        groups: dict[int, list[str]] = {}
         if self.stage.first:
-            names.append("model.embed_tokens.weight")
-            index.append(0)
+            groups[0] = [EMBED]
         if self.stage.last:
-            head = sorted(n for n in self.spec.global_shapes() if n != "model.embed_tokens.weight")
-            names.extend(head)
-            index.append(self.spec.num_layers + 1)
-        out = {"weight_map": {}, "description": {n: "FLOAT" for n in names}}
+            groups[self.spec.num_layers + 1] = sorted(n for n in self.spec.global_shapes() if n != EMBED)
+        out = {"weight_map": {}, "description": {n: "FLOAT" for names in groups.values() for n in names}}
         if self.writer:
-            groups = {0: ["model.embed_tokens.weight"], self.spec.num_layers + 1: [n for n in names if n != "model.embed_tokens.weight"]}
-            for i in index:
-                fname = shard_file(self.cfg.backend, i, self.n_shards)
-                out["weight_map"].update(self._copy_shard(fname, groups[i]))
+            for i, names in groups.items():
+                if i == 0 and self._embed_written is not None:  # written from the read that embedded
+                    out["weight_map"].update(self._embed_written)
+                    continue
+                out["weight_map"].update(self._copy_shard(shard_file(self.cfg.backend, i, self.n_shards), names))
         return out
 
     def _copy_shard(self, fname: str, names: list[str]) -> dict[str, str]:
@@ -274,4 +327,9 @@ class StageWorker:
         return unified.write_shard(self.partial, fname, glob, set(), set(), self.model_dtype, stored=stored)
 
     def close(self) -> None:
+        """Release the layer in flight, the hidden states and their spill directory, the files."""
+        self.layer = None
+        self.inputs.clear()
+        self.outputs.clear()
+        self.budget.close()
         self.ckpt.close()
