@@ -36,6 +36,7 @@ from dist_ptq.model.synthetic import tiny_config, write_random_model
 from dist_ptq.quant.fake import fake_kv, fake_linear
 from dist_ptq.quant.layer import quantize_layer
 from dist_ptq.quant.observers import kv_channels, merge_layer_stats, observe
+from dist_ptq.quant.schemes import Scheme, linear_scheme
 from dist_ptq.runtime import coordinator as engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,8 @@ TOKENIZER = ROOT / "dist_ptq" / "assets" / "tiny-llama" / "tokenizer.json"
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 N_SAMPLES, SEQ_LEN, VOCAB = 4, 32, 96
-TYPES = {"FLOAT", "W8A16", "W4A16", "W8A8", "W8A8_DYNAMIC", "C8", "C8_DYNAMIC"}
+TYPES = {"FLOAT", "W8A16", "W4A16", "W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "C8", "C8_DYNAMIC"}
+INT4_TYPES = {"W4A16", "W4A8_DYNAMIC"}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 SUFFIXES = {
@@ -51,6 +53,7 @@ SUFFIXES = {
     "W8A8_DYNAMIC": {"weight", "weight_scale"},
     "W8A16": {"weight", "weight_scale"},
     "W4A16": {"weight", "weight_scale"},
+    "W4A8_DYNAMIC": {"weight", "weight_scale"},
 }
 FORBIDDEN_RECORD_KEYS = re.compile(r"time|second|date|host|node|worker|replica|pid|elapsed|user", re.I)
 # calibrated recipes quantized a second time for the determinism check (data-free ones always are):
@@ -103,6 +106,8 @@ def expected_linear_type(raw: dict, name: str) -> str:
     if eff is None or eff.get("weight_quant_dtype", "int8") is None:
         return "FLOAT"
     if eff.get("act_quant_dtype"):
+        if eff.get("weight_quant_dtype") == "int4":
+            return "W4A8_DYNAMIC"
         return "W8A8_DYNAMIC" if eff.get("act_quant_granularity") == "per_token" else "W8A8"
     return "W8A16" if eff.get("weight_quant_dtype", "int8") == "int8" else "W4A16"
 
@@ -257,7 +262,7 @@ def test_description_names_every_tensor(run):
                 assert suffixes == {"weight"}
             else:
                 eff = effective(raw, p + lin)
-                smooth = kind == "W8A8_DYNAMIC" and eff.get("outliers_suppression") == "smooth"
+                smooth = kind in ("W8A8_DYNAMIC", "W4A8_DYNAMIC") and eff.get("outliers_suppression") == "smooth"
                 extra = suffixes - SUFFIXES[kind]
                 # AWQ stores smooth_scale where 1/s cannot be folded into the producer (o_proj under GQA)
                 allowed = {"smooth_scale"} if eff.get("outliers_suppression") == "awq" else set()
@@ -293,7 +298,7 @@ def test_tensor_dtypes_shapes_and_int4_tags(run):
         linear, _, suffix = n.rpartition(".")
         layer_linear = re.sub(r"^model\.layers\.\d+\.", "", linear)
         kind = expected_linear_type(raw, linear) if layer_linear in LINEARS else None
-        int4 = kind == "W4A16" and suffix == "weight"
+        int4 = kind in INT4_TYPES and suffix == "weight"
         assert (metas[shard].get(n) == "Int4") == int4, n
         if kind in (None, "FLOAT") and not re.search(r"[kv]_(scale|offset)$", n):
             assert tag == "BF16" and a.shape == shapes[n], n
@@ -315,7 +320,7 @@ def test_tensor_dtypes_shapes_and_int4_tags(run):
         }
         if suffix == "weight_scale":
             g = (effective(raw, linear) or {}).get("group_size", 0) or ic
-            assert (tag, a.shape) == ("F32", (ic // g, oc) if kind == "W4A16" else (oc,)), n
+            assert (tag, a.shape) == ("F32", (ic // g, oc) if kind in INT4_TYPES else (oc,)), n
         else:
             assert (tag, a.shape) == want[suffix], n
 
@@ -339,11 +344,14 @@ def test_w8a8_shares_input_scales_within_qkv_and_gate_up(run):
                 first = tensors[names[0]][1]
                 assert all(tensors[n][1].tobytes() == first.tobytes() for n in names[1:]), names
                 checked += 1
-    kinds = set(desc.values())
-    if "W8A8" in kinds:
-        assert checked == 2 * 2 * 2
-    elif "W8A8_DYNAMIC" in kinds and run["raw"].get("outliers_suppression") == "smooth":
-        assert checked == 2 * 2
+    # every group of a static scheme shares input_scale and input_offset, of a smoothed dynamic one smooth_scale
+    want = 0
+    for i in range(2):
+        for group in (("self_attn.q_proj",), ("mlp.gate_proj",)):
+            name = f"model.layers.{i}.{group[0]}"
+            kind, eff = expected_linear_type(run["raw"], name), effective(run["raw"], name) or {}
+            want += 2 if kind == "W8A8" else 1 if kind.endswith("_DYNAMIC") and eff.get("outliers_suppression") == "smooth" else 0
+    assert checked == want
 
 
 @pytest.mark.parametrize("name", COPIED)
@@ -502,7 +510,10 @@ def test_quantized_directory_evaluates_like_the_fake_quant_forward(run):
     # per sample, 31 next-token log-probs summed (about -141 for this near-uniform random model): the
     # reference integer inference and the fake-quant forward agree to float rounding (observed ≤ 2e-4);
     # the generic checkpoint rounds its dequantized weights to bf16 once more (observed 7e-4)
-    np.testing.assert_allclose(got, want, rtol=0, atol=5e-4 if ascend else 3e-3)
+    # (int4 weights with per-token activations: float rounding can flip a per-token rounding of the next
+    # layer's input, observed up to 6e-4)
+    a8w4 = linear_scheme(cfg.config_for("model.layers.0.mlp.up_proj")) is Scheme.W4A8_DYNAMIC
+    np.testing.assert_allclose(got, want, rtol=0, atol=(1.5e-3 if a8w4 else 5e-4) if ascend else 3e-3)
     # and the quantization error itself is small: logits against float (observed ≤ 0.009 for 8 bits,
     # 0.25 for int4 weights of this random model, whose rows have no structure to exploit)
     rel = np.abs(fake_logits - float_logits).max() / np.abs(float_logits).max()

@@ -18,7 +18,7 @@ NP_DTYPE = {"I8": np.int8, "I32": np.int32, "F32": np.float32, MODEL: np.float32
 def quant_linear(scheme: Scheme, group: int = 0, bias: bool = True, smooth: bool = True) -> QuantLinear:
     rng = np.random.default_rng(0)
     w = rng.normal(size=(OC, IC)).astype(np.float32)
-    bits = 4 if scheme is Scheme.W4A16 else 8
+    bits = 4 if FORMATS[scheme].int4 else 8
     ws = P.weight_scale(w, bits, group)
     lin = QuantLinear(kind=scheme, q=P.quantize_weight(w, ws, bits), scale=ws)
     if bias:
@@ -31,7 +31,8 @@ def quant_linear(scheme: Scheme, group: int = 0, bias: bool = True, smooth: bool
     return lin
 
 
-CASES = [(Scheme.W8A16, 0), (Scheme.W4A16, G), (Scheme.W4A16, 0), (Scheme.W8A8, 0), (Scheme.W8A8_DYNAMIC, 0)]
+CASES = [(Scheme.W8A16, 0), (Scheme.W4A16, G), (Scheme.W4A16, 0), (Scheme.W8A8, 0), (Scheme.W8A8_DYNAMIC, 0),
+         (Scheme.W4A8_DYNAMIC, G)]
 
 
 @pytest.mark.parametrize("scheme, group", CASES)
@@ -112,6 +113,8 @@ W8A8 = dict(act_quant_dtype=INT8)
     (dict(weight_quant_dtype=None, kvcache_quant_dtype=INT8, kvcache_quant_granularity=QuantGranularity.PER_TOKEN),
      "FLOAT", "C8_DYNAMIC"),
     (dict(mode=PTQMode.DEPLOY, backend=BackendTarget.NONE), "W8A16", None),
+    (dict(W8A8, act_quant_granularity=QuantGranularity.PER_TOKEN, weight_quant_dtype=INT4,
+          weight_quant_granularity=QuantGranularity.PER_GROUP, group_size=128), "W4A8_DYNAMIC", None),
 ])
 def test_config_to_scheme(kwargs, scheme, kv):
     cfg = PTQConfig(**kwargs)
@@ -128,3 +131,31 @@ def test_kv_scheme_follows_blacklist_and_policies():
     assert kv_scheme(cfg, "model.layers.1.") is KVScheme.C8
     assert kv_scheme(cfg, "model.layers.2.") is KVScheme.C8_DYNAMIC
     assert linear_scheme(None) is Scheme.FLOAT
+
+
+def test_a8w4_needs_group_weights_and_per_token_activations():
+    a8w4 = dict(W8A8, act_quant_granularity=QuantGranularity.PER_TOKEN, weight_quant_dtype=INT4)
+    with pytest.raises(ValueError, match="'act_quant_granularity': PER_TOKEN needs .*A8W4"):
+        PTQConfig(**a8w4)  # per-channel int4
+    with pytest.raises(ValueError, match="'act_quant_dtype': int8 activations need .*A8W4"):
+        PTQConfig(**dict(a8w4, act_quant_granularity=QuantGranularity.PER_TENSOR,
+                         weight_quant_granularity=QuantGranularity.PER_GROUP, group_size=128))
+
+
+def test_a8w4_reference_kernel_sums_integer_groups_times_their_scales():
+    """W4A8_DYNAMIC: x quantized per token, Σ over groups of int32 dot products × the group's scale."""
+    from dist_ptq.eval.quantized_linear import ReferenceLinear
+    from dist_ptq.model.forward import configure_mindspore, to_tensor
+
+    configure_mindspore()
+    fmt = FORMATS[Scheme.W4A8_DYNAMIC]
+    lin = quant_linear(Scheme.W4A8_DYNAMIC, G)
+    x = np.random.default_rng(1).normal(size=(2, 3, IC)).astype(np.float32)
+    got = ReferenceLinear(Scheme.W4A8_DYNAMIC, fmt.encode(lin))(to_tensor(x)).asnumpy()
+    xs = x.astype(np.float64) * lin.smooth_scale
+    t = np.abs(xs).max(-1, keepdims=True) / 127
+    xq = np.clip(np.rint(xs / t), -127, 127)
+    groups = IC // G
+    acc = np.einsum("bsgk,ogk->bsgo", xq.reshape(2, 3, groups, G), lin.q.reshape(OC, groups, G).astype(np.float64))
+    want = (acc * lin.scale.T[None, None]).sum(2) * t + lin.bias
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

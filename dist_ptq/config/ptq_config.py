@@ -100,19 +100,22 @@ class PTQConfig:
         """The seed's cross-field rows first, then the extensions' (all ValueError)."""
         int8, int4 = mstype.int8, mstype.qint4x2
         weight, act, kv = self.weight_quant_dtype, self.act_quant_dtype, self.kvcache_quant_dtype
-        if self.act_quant_granularity is QuantGranularity.PER_TOKEN and not (
+        # extension (Golden Stick's A8W4 / W4A8_DYNAMIC): int4 group weights with per-token int8 activations
+        a8w4 = (_same_dtype(weight, int4) and self.weight_quant_granularity is QuantGranularity.PER_GROUP
+                and _same_dtype(act, int8) and self.act_quant_granularity is QuantGranularity.PER_TOKEN)
+        if self.act_quant_granularity is QuantGranularity.PER_TOKEN and not a8w4 and not (
                 _same_dtype(weight, int8) and _same_dtype(act, int8)):
             raise ValueError(
                 "field 'act_quant_granularity': PER_TOKEN needs weight_quant_dtype and "
-                f"act_quant_dtype int8, got {_show(weight)} and {_show(act)}")
+                f"act_quant_dtype int8 (or qint4x2 PER_GROUP weights: A8W4), got {_show(weight)} and {_show(act)}")
         if self.kvcache_quant_granularity is QuantGranularity.PER_TOKEN and not _same_dtype(kv, int8):
             raise ValueError(
                 f"field 'kvcache_quant_granularity': PER_TOKEN needs kvcache_quant_dtype int8, "
                 f"got {_show(kv)}")
-        if act is not None and not _same_dtype(weight, int8):
+        if act is not None and not a8w4 and not _same_dtype(weight, int8):
             raise ValueError(
-                f"field 'act_quant_dtype': int8 activations need weight_quant_dtype int8 (W8A8), "
-                f"got {_show(weight)}")
+                f"field 'act_quant_dtype': int8 activations need weight_quant_dtype int8 (W8A8), or "
+                f"qint4x2 per group with PER_TOKEN activations (A8W4), got {_show(weight)}")
         if self.weight_quant_granularity is QuantGranularity.PER_GROUP:
             if not _same_dtype(weight, int4):
                 raise ValueError(

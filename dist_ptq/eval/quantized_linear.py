@@ -38,8 +38,17 @@ class ReferenceLinear:
         self.kind, self.act = fmt.scheme, fmt.act
         self.bias = to_tensor(t["bias"]) if "bias" in t else None
         self.smooth = to_tensor(t["smooth_scale"]) if "smooth_scale" in t else None  # x is multiplied by it first
+        self.wq_groups = None
         if self.act is Act.FLOAT:  # the antiquant matmul: weights dequantized, input float
             self.w = to_tensor(fmt.decode(t).w_dq)
+            return
+        if fmt.int4:  # A8W4: int32 sums per group of input channels, each times its group's scale
+            lin = fmt.decode(t)
+            scale = lin.scale if lin.scale.ndim == 2 else lin.scale[:, None]  # (oc, groups)
+            groups, oc = scale.shape[1], lin.q.shape[0]
+            q = lin.q.astype(np.int32).reshape(oc, groups, -1).transpose(1, 2, 0)  # (groups, g, oc)
+            self.wq_groups = ms.Tensor(np.ascontiguousarray(q))
+            self.group_scale = to_tensor(np.ascontiguousarray(scale.T[:, None, :]))  # (groups, 1, oc)
             return
         self.wq_t = ms.Tensor(np.ascontiguousarray(t["weight"].astype(np.int32).T))
         if self.act is Act.STATIC:
@@ -56,7 +65,12 @@ class ReferenceLinear:
     def dynamic(self, x: ms.Tensor, absmax: ms.Tensor | None = None) -> ms.Tensor:
         """A dynamic scheme's matmul on an already smoothed input (without bias)."""
         xq, t = per_token_int8(x, absmax)
-        return _int_matmul(xq, self.wq_t).astype(ms.float32) * t * self.w_scale
+        if self.wq_groups is None:
+            return _int_matmul(xq, self.wq_t).astype(ms.float32) * t * self.w_scale
+        lead, (groups, g, oc) = xq.shape[:-1], self.wq_groups.shape
+        xg = xq.reshape(-1, groups, g).transpose(1, 0, 2)  # (groups, tokens, g)
+        acc = ops.matmul(xg, self.wq_groups).astype(ms.float32) * self.group_scale  # (groups, tokens, oc)
+        return acc.sum(0).reshape(*lead, oc) * t
 
     def __call__(self, x: ms.Tensor) -> ms.Tensor:
         if self.act is Act.FLOAT:

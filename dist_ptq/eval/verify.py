@@ -142,7 +142,7 @@ def _model_dtype(root: Path, src: tpx.UnifiedTensors) -> str:
 class Expect(NamedTuple):
     kind: str  # the description type
     dtype: str  # safetensors dtype tag
-    shape: tuple[int, ...] | None  # None: a W4A16 weight_scale, (ic/group, oc) for a group size checked apart
+    shape: tuple[int, ...] | None  # None: an int4 scheme's weight_scale, (ic/group, oc) for a group size checked apart
     required: bool
     dims: tuple[int, int] | None = None  # the linear's logical (oc, ic)
 
@@ -217,14 +217,14 @@ def format_problems(spec: ArchSpec, src: tpx.UnifiedTensors, description: dict[s
             ok = len(got_shape) == 2 and got_shape[1] == oc and got_shape[0] > 0 and ic % got_shape[0] == 0
             if not ok or got_shape[0] != 1 and ic // got_shape[0] not in GROUP_SIZES:
                 problems.append(
-                    f"{name}: shape {list(got_shape)}; a W4A16 weight_scale is (ic/group, oc) = ({ic}/g, {oc}) "
+                    f"{name}: shape {list(got_shape)}; a {kind} weight_scale is (ic/group, oc) = ({ic}/g, {oc}) "
                     f"with g in {', '.join(map(str, GROUP_SIZES))} or g = ic"
                 )
         elif got_shape != tuple(shape):
             problems.append(f"{name}: shape {list(got_shape)}; a {kind} tensor of this model is {list(shape)}")
         fmt = format_of(kind)
         if fmt is not None and fmt.int4 and name.endswith(".weight") and name not in int4:
-            problems.append(f"{name}: W4A16 weight lacks the 'Int4' metadata tag in {src.file_of[name]}")
+            problems.append(f"{name}: {kind} weight lacks the 'Int4' metadata tag in {src.file_of[name]}")
     return problems
 
 

@@ -48,7 +48,7 @@ from dist_ptq.errors import CheckpointError, ConfigError, OutputError
 from dist_ptq.export import unified
 from dist_ptq.model.arch import COLUMN, ArchSpec, load_spec
 from dist_ptq.model.safetensors_io import SafetensorsFile, write_safetensors
-from dist_ptq.quant.schemes import KV_TENSORS, Scheme, format_of, linear_scheme
+from dist_ptq.quant.schemes import FORMATS, KV_TENSORS, Scheme, format_of, linear_scheme
 
 SHARD_MAP = "shard_map.json"
 RANK_FILE = "quant-model.safetensors"
@@ -190,7 +190,7 @@ def split_plan(
         g = group_size if group_size is not None else (ic // groups if groups else None)
         if g is not None and (ic // tp) % g:
             raise CheckpointError(
-                f"{name}: a W4A16 group of {g} input channels would straddle tensor-parallel ranks: "
+                f"{name}: a {description_type} group of {g} input channels would straddle tensor-parallel ranks: "
                 f"{ic} input channels / tp {tp} = {ic // tp} is not a multiple of {g}; "
                 f"choose a tp that divides {ic // g} (the group count)"
             )
@@ -251,10 +251,11 @@ def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def group_sizes(shapes: dict[str, tuple[int, ...]], description: dict[str, str], spec: ArchSpec) -> dict[str, int]:
-    """W4A16 linear prefix → input channels per scale group, from the stored weight_scale shapes."""
+    """Int4 (W4A16, W4A8_DYNAMIC) linear prefix → input channels per scale group, from the stored weight_scale shapes."""
     out = {}
     for name, shape in shapes.items():
-        if name.endswith(".weight_scale") and description.get(name) == "W4A16" and len(shape) == 2 and shape[0]:
+        fmt = format_of(description.get(name, Scheme.FLOAT))
+        if name.endswith(".weight_scale") and fmt is not None and fmt.int4 and len(shape) == 2 and shape[0]:
             prefix = name[: -len(".weight_scale")]
             m = _LAYER.fullmatch(prefix)
             layer = spec.layer(int(m.group(1))) if m else None
@@ -290,7 +291,7 @@ def check_config(spec: ArchSpec, cfg, tp: int) -> None:
             c = cfg.config_for(prefix + m)
             kind = linear_scheme(c)
             oc, ic = layer.dims(m)
-            if kind is Scheme.W4A16:
+            if FORMATS[kind].int4:
                 g = c.group_size or ic
                 shapes[prefix + m + ".weight"] = (ic, oc // 2)
                 shapes[prefix + m + ".weight_scale"] = (ic // g, oc)

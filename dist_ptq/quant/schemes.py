@@ -39,6 +39,7 @@ class Scheme(enum.StrEnum):
     W4A16 = "W4A16"
     W8A8 = "W8A8"
     W8A8_DYNAMIC = "W8A8_DYNAMIC"
+    W4A8_DYNAMIC = "W4A8_DYNAMIC"  # A8W4: int4 group weights, int8 per-token activations
 
 
 class KVScheme(enum.StrEnum):
@@ -85,6 +86,8 @@ BIAS = Slot("bias", MODEL, ("oc",), required=False, once=True)
 _W_INT8 = Slot("weight", "I8", ("oc", "ic"))
 _SCALE = Slot("weight_scale", "F32", ("oc",))
 _SMOOTH = Slot("smooth_scale", "F32", ("ic",), required=False)
+_W_INT4 = Slot("weight", "I8", ("ic", "oc/2"))
+_GROUP_SCALE = Slot("weight_scale", "F32", ("ic/g", "oc"))
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ class LinearFormat:
 
     @property
     def int4(self) -> bool:
-        return self.scheme is Scheme.W4A16
+        """Weights packed two per byte (and scales per group of input channels)."""
+        return self.slots[0].dims == _W_INT4.dims
 
     def slot(self, suffix: str) -> Slot | None:
         return next((s for s in self.slots if s.suffix == suffix), None)
@@ -144,8 +148,7 @@ class LinearFormat:
 FORMATS: dict[Scheme, LinearFormat] = {
     Scheme.FLOAT: LinearFormat(Scheme.FLOAT, Act.FLOAT, (Slot("weight", MODEL, ("oc", "ic")), BIAS)),
     Scheme.W8A16: LinearFormat(Scheme.W8A16, Act.FLOAT, (_W_INT8, _SCALE, _SMOOTH, BIAS)),
-    Scheme.W4A16: LinearFormat(Scheme.W4A16, Act.FLOAT, (
-        Slot("weight", "I8", ("ic", "oc/2")), Slot("weight_scale", "F32", ("ic/g", "oc")), _SMOOTH, BIAS)),
+    Scheme.W4A16: LinearFormat(Scheme.W4A16, Act.FLOAT, (_W_INT4, _GROUP_SCALE, _SMOOTH, BIAS)),
     Scheme.W8A8: LinearFormat(Scheme.W8A8, Act.STATIC, (
         _W_INT8,
         Slot("deq_scale", "F32", ("oc",)),
@@ -156,6 +159,7 @@ FORMATS: dict[Scheme, LinearFormat] = {
         BIAS,
     )),
     Scheme.W8A8_DYNAMIC: LinearFormat(Scheme.W8A8_DYNAMIC, Act.DYNAMIC, (_W_INT8, _SCALE, _SMOOTH, BIAS)),
+    Scheme.W4A8_DYNAMIC: LinearFormat(Scheme.W4A8_DYNAMIC, Act.DYNAMIC, (_W_INT4, _GROUP_SCALE, _SMOOTH, BIAS)),
 }
 
 
@@ -182,6 +186,8 @@ def linear_scheme(cfg: PTQConfig | None) -> Scheme:
     if cfg is None or cfg.weight_quant_dtype is None:
         return Scheme.FLOAT
     if cfg.act_quant_dtype is not None:
+        if cfg.weight_bits == 4:
+            return Scheme.W4A8_DYNAMIC
         return Scheme.W8A8_DYNAMIC if cfg.act_quant_granularity is QuantGranularity.PER_TOKEN else Scheme.W8A8
     return Scheme.W8A16 if cfg.weight_bits == 8 else Scheme.W4A16
 
