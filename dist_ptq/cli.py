@@ -131,6 +131,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="micro-batch of samples per forward")
+    p.add_argument("--activation-memory", default=None, metavar="SIZE",
+                   help="calibration hidden states each worker keeps in memory before spilling to local disk, "
+                        "e.g. 2GiB (default: a quarter of the available memory over the workers)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -153,7 +156,7 @@ def _calibrate(args: argparse.Namespace, env: Environment) -> int:
         raise CalibrationError("calibrate needs calibration data: pass --calib FILE")
     out = calibrate(
         args.model_dir, args.out, args.calib, num_samples=args.num_samples, seq_len=args.seq_len, batch=args.batch,
-        overwrite=args.overwrite, **_runtime_args(args, env),
+        overwrite=args.overwrite, activation_memory=args.activation_memory, **_runtime_args(args, env),
     )
     print(f"wrote statistics to {out}")
     return 0
@@ -166,7 +169,8 @@ def _quantize(args: argparse.Namespace, env: Environment) -> int:
     report = quantize(
         args.model_dir, args.config, args.out, calib=args.calib, num_samples=args.num_samples,
         seq_len=args.seq_len, schedule=args.schedule, batch=args.batch, stats=args.stats,
-        overwrite=args.overwrite, resume=args.resume, tp=args.tp, **_runtime_args(args, env),
+        overwrite=args.overwrite, resume=args.resume, tp=args.tp, activation_memory=args.activation_memory,
+        **_runtime_args(args, env),
     )
     print_report(report)
     print(f"wrote {args.out}")

@@ -75,6 +75,24 @@ def test_environment_is_read_at_the_cli_and_passed_down(model, monkeypatch, caps
     assert capsys.readouterr().err.strip() == "dist-ptq: error: DIST_PTQ_PIN_CPU must be 0 or 1, got 'no'"
 
 
+def test_activation_memory_is_passed_down_and_a_bad_size_is_one_clear_error(model, monkeypatch, capsys):
+    d, m = model
+    from dist_ptq.runtime import coordinator
+
+    args = ["quantize", str(m), "-c", str(CONFIGS / "w8a8_smoothquant_kv_int8.yaml"), "-o", str(d / "act"),
+            "--calib", str(d / "calib.npy"), "--num-samples", "4", "--seq-len", "32"]
+    assert main(args + ["--activation-memory", "nope"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dist-ptq: error: --activation-memory 'nope' is not a size; expected a number with an optional unit "
+        "(B, KB, MB, GB, KiB, MiB, GiB), e.g. 2GiB")
+    assert not (d / "act").exists() and not (d / "act.partial").exists()
+    got = {}
+    monkeypatch.setattr(coordinator, "quantize", lambda *a, **kw: got.update(kw) or
+                        {"layers": [], "total_seconds": 0.0, "schedule": "pipeline"})
+    assert main(args + ["--activation-memory", "64MiB"]) == 0 and got["activation_memory"] == "64MiB"
+    assert main(args) == 0 and got["activation_memory"] is None  # the default: resolved by the coordinator
+
+
 @pytest.mark.parametrize("env,message", [
     ({"DIST_PTQ_DEVICE": "gpu"}, "DIST_PTQ_DEVICE='gpu' is not one of: cpu, ascend"),
     ({"DIST_PTQ_THREADS": "-1"}, "DIST_PTQ_THREADS must be a non-negative integer, got '-1'"),

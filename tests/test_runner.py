@@ -68,6 +68,8 @@ def test_a_stage_reads_only_its_own_tensors(setup):
         for replica in stage["replicas"]:
             assert replica["tensors_read"], "the instrumented reader saw no reads"
             assert set(replica["tensors_read"]) <= own, f"stage {stage['index']} read {set(replica['tensors_read']) - own}"
+            # layer-major: every replica reads each of its tensors exactly once, the embedding included
+            assert replica["tensor_reads"] == len(replica["tensors_read"]) == len(own)
     # 4 CPU actors: each pinned to a core of its own while cores last (runtime/cpu_pin.py)
     cores = [r["cpu_core"] for st in report["stages"] for r in st["replicas"]]
     pinned = [c for c in cores if c is not None]

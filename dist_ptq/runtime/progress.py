@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from dist_ptq.runtime.plan import Stage
 
-BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}"
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
 
 
 def eta_text(seconds: float) -> str:
