@@ -2,6 +2,7 @@
 
 from dist_ptq.config import (
     AWQConfig,
+    OSLConfig,
     BackendTarget,
     GPTQQuantConfig,
     OutliersSuppressionType,
@@ -35,6 +36,7 @@ def load_quantized(quant_dir, max_len: int = 2048):
 
 __all__ = [
     "AWQConfig",
+    "OSLConfig",
     "BackendTarget",
     "GPTQQuantConfig",
     "OutliersSuppressionType",

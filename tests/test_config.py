@@ -15,6 +15,7 @@ from dist_ptq import (
     AWQConfig,
     BackendTarget,
     GPTQQuantConfig,
+    OSLConfig,
     OutliersSuppressionType,
     PrecisionRecovery,
     PTQConfig,
@@ -499,38 +500,36 @@ def test_from_dict_names_its_source():
 
 
 
-# ---- OSL is refused until implemented (issue 13 item 7) ------------------------------------------
-
-OSL_REFUSED = ("field 'outliers_suppression': OutliersSuppressionType.OSL is not implemented yet; accepted: "
-               "OutliersSuppressionType.NONE, OutliersSuppressionType.SMOOTH, OutliersSuppressionType.AWQ")
+# ---- OSL: SmoothQuant with alpha searched (OSLConfig) ---------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs", [
-    pytest.param(dict(W8A8, outliers_suppression=OS.OSL), id="w8a8"),
-    pytest.param(dict(W8A8_DYN, outliers_suppression=OS.OSL, algo_args={"alpha": 0.5}), id="w8a8-dyn-alpha"),
-    pytest.param(dict(outliers_suppression=OS.OSL), id="weight-only"),
-    pytest.param(dict(W8A8, outliers_suppression=OS.OUTLIER_SUPPRESSION_LITE), id="golden-stick-name"),
+def test_osl_takes_its_own_grid_and_round_trips(tmp_path):
+    cfg = PTQConfig(**W8A8, outliers_suppression=OS.OSL, algo_args={"alpha_grid": [0.4, 0.8]})
+    assert cfg.algo(OSLConfig) == OSLConfig([0.4, 0.8], True)
+    assert cfg.to_dict()["algo_args"] == {"alpha_grid": [0.4, 0.8], "allow_unsmoothed": True}
+    assert load_yaml(dump_yaml(cfg, tmp_path / "osl.yaml")) == cfg
+    assert PTQConfig(**W8A8, outliers_suppression=OS.OUTLIER_SUPPRESSION_LITE).algo(OSLConfig).alpha_grid[0] == 0.3
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    pytest.param(dict(outliers_suppression=OS.OSL), "'outliers_suppression'", id="weight-only"),
+    pytest.param(dict(W8A8, outliers_suppression=OS.OSL, algo_args={"alpha": 0.5}), "'algo_args'",
+                 id="smoothquant-alpha"),
+    pytest.param(dict(W8A8, outliers_suppression=OS.OSL, algo_args={"alpha_grid": []}), "'alpha_grid'",
+                 id="empty-grid"),
+    pytest.param(dict(W8A8, outliers_suppression=OS.OSL, algo_args={"alpha_grid": [1.5]}), "'alpha_grid'",
+                 id="grid-out-of-range"),
 ])
-def test_osl_refused_in_python(kwargs):
-    assert raises(ValueError, kwargs) == OSL_REFUSED
+def test_osl_refuses_what_it_cannot_use(kwargs, field):
+    assert field in raises(ValueError, kwargs)
 
 
-def test_osl_refused_in_a_layer_policy():
-    with pytest.raises(ValueError) as info:
-        PTQConfig(**W8A8, layer_policies={"o_proj": PTQConfig(**W8A8, outliers_suppression=OS.OSL)})
-    assert str(info.value) == OSL_REFUSED
-    base = PTQConfig(**W8A8, layer_policies={"o_proj": PTQConfig(**W8A8, outliers_suppression=OS.SMOOTH)})
-    with pytest.raises(ValueError) as info:  # replace() validates again, so no way around the check
-        dataclasses.replace(base.layer_policies["o_proj"], outliers_suppression=OS.OSL)
-    assert str(info.value) == OSL_REFUSED
-
-
-def test_osl_refused_in_yaml(tmp_path):
-    path = tmp_path / "bad.yaml"
-    msg = load_error(tmp_path, "act_quant_dtype: int8\noutliers_suppression: osl\n")
-    assert msg == f"{path}: {OSL_REFUSED}"
-    msg = load_error(tmp_path, "act_quant_dtype: int8\nlayer_policies: {o_proj: {outliers_suppression: osl}}\n")
-    assert msg == f"{path}: layer_policies['o_proj']: {OSL_REFUSED}"
+def test_osl_in_yaml_and_in_a_layer_policy(tmp_path):
+    path = tmp_path / "osl.yaml"
+    path.write_text("act_quant_dtype: int8\nlayer_policies: {o_proj: {outliers_suppression: osl}}\n")
+    cfg = load_yaml(path)
+    assert cfg.config_for("model.layers.0.self_attn.o_proj").outliers_suppression is OS.OSL
+    assert cfg.config_for("model.layers.0.mlp.up_proj").outliers_suppression is OS.NONE
 
 
 def test_osl_alias_is_the_same_member():

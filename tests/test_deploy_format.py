@@ -265,7 +265,10 @@ def test_description_names_every_tensor(run):
                 smooth = kind in ("W8A8_DYNAMIC", "W4A8_DYNAMIC") and eff.get("outliers_suppression") == "smooth"
                 extra = suffixes - SUFFIXES[kind]
                 # AWQ stores smooth_scale where 1/s cannot be folded into the producer (o_proj under GQA)
-                allowed = {"smooth_scale"} if eff.get("outliers_suppression") == "awq" else set()
+                # and OSL where its search chose to smooth a dynamic scheme's input
+                searched = eff.get("outliers_suppression") == "awq" or (
+                    kind.endswith("_DYNAMIC") and eff.get("outliers_suppression") == "osl")
+                allowed = {"smooth_scale"} if searched else set()
                 assert SUFFIXES[kind] <= suffixes, (p + lin, suffixes)
                 assert extra == {"smooth_scale"} if smooth else extra <= allowed, (p + lin, suffixes)
             assert all(desc[n] == kind for n in names), (p + lin, kind)
@@ -345,13 +348,14 @@ def test_w8a8_shares_input_scales_within_qkv_and_gate_up(run):
                 assert all(tensors[n][1].tobytes() == first.tobytes() for n in names[1:]), names
                 checked += 1
     # every group of a static scheme shares input_scale and input_offset, of a smoothed dynamic one smooth_scale
-    want = 0
+    want = searched = 0
     for i in range(2):
         for group in (("self_attn.q_proj",), ("mlp.gate_proj",)):
             name = f"model.layers.{i}.{group[0]}"
             kind, eff = expected_linear_type(run["raw"], name), effective(run["raw"], name) or {}
             want += 2 if kind == "W8A8" else 1 if kind.endswith("_DYNAMIC") and eff.get("outliers_suppression") == "smooth" else 0
-    assert checked == want
+            searched += kind.endswith("_DYNAMIC") and eff.get("outliers_suppression") == "osl"
+    assert want <= checked <= want + searched  # OSL may leave a dynamic group unsmoothed
 
 
 @pytest.mark.parametrize("name", COPIED)
@@ -403,12 +407,17 @@ def test_report_says_what_recovery_settled_on(run):
                 keys |= {"gptq_damp", "gptq_damp_raises", "gptq_loss"}
             if eff.get("outliers_suppression") == "awq" or eff.get("weight_clip"):
                 keys.add("clip_ratio_mean")
+            if eff.get("outliers_suppression") == "osl":
+                keys |= {"osl_error", "osl_unsmoothed_error"}  # osl_alpha too, unless it stayed unsmoothed
             if keys:
                 expect[m] = (keys, eff)
         got = row.get("recovery", {})
         assert set(got) == set(expect), row["layer"]
         for m, (keys, eff) in expect.items():
-            assert keys <= set(got[m]) <= keys | {"awq_alpha"}, (row["layer"], m, got[m])
+            assert keys <= set(got[m]) <= keys | {"awq_alpha", "osl_alpha"}, (row["layer"], m, got[m])
+            if "osl_error" in keys:
+                assert got[m]["osl_error"] <= got[m]["osl_unsmoothed_error"]
+                assert ("osl_alpha" in got[m]) == (got[m]["osl_error"] < got[m]["osl_unsmoothed_error"])
             if "gptq_damp" in keys:
                 assert got[m]["gptq_damp"] >= (eff.get("algo_args") or {}).get("damp_percent", 0.01)
             if "clip_ratio_mean" in keys:
@@ -499,8 +508,8 @@ def test_quantized_directory_evaluates_like_the_fake_quant_forward(run):
     assert got.shape == (2,) and np.isfinite(got).all()
     four_bit = "int4" in run["cfg"].read_text()
     cfg = load_yaml(run["cfg"])
-    if engine.resolve_schedule(cfg, "auto") == "sequential" or cfg.weight_clip:
-        # GPTQ / AWQ / clip search calibrate with Hessians or input samples (GPTQ/AWQ on quantized
+    if engine.resolve_schedule(cfg, "auto") == "sequential" or engine.calibration_needs(cfg, 1).sample_rows:
+        # GPTQ / AWQ / OSL / clip search calibrate with Hessians or input samples (GPTQ/AWQ on quantized
         # inputs), which the hand-built pipeline below does not rebuild: compared with float only
         q_logits = logits_of(source, EVAL_IDS)
         rel = np.abs(q_logits - float_logits).max() / np.abs(float_logits).max()

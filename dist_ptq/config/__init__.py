@@ -6,7 +6,7 @@ One idea per module:
 - :mod:`~dist_ptq.config.enums`: PTQMode, BackendTarget, QuantGranularity, OutliersSuppressionType,
   PrecisionRecovery.
 - :mod:`~dist_ptq.config.checks`: the small field checks, allowed values per field, message helpers.
-- :mod:`~dist_ptq.config.algo_args`: SmoothQuantConfig, GPTQQuantConfig, AWQConfig and which
+- :mod:`~dist_ptq.config.algo_args`: SmoothQuantConfig, GPTQQuantConfig, AWQConfig, OSLConfig and which
   setting turns each on.
 - :mod:`~dist_ptq.config.ptq_config`: PTQConfig, validated once in ``__post_init__``, its derived
   views and its ``to_dict`` / ``from_dict`` form.
@@ -16,14 +16,14 @@ One idea per module:
 Every name importable from the old single-file ``dist_ptq.config`` is importable from here.
 """
 
-from dist_ptq.config.algo_args import AlgoArgs, AWQConfig, GPTQQuantConfig, SmoothQuantConfig
+from dist_ptq.config.algo_args import AlgoArgs, AWQConfig, GPTQQuantConfig, OSLConfig, SmoothQuantConfig
 from dist_ptq.config.enums import BackendTarget, OutliersSuppressionType, PrecisionRecovery, PTQMode, QuantGranularity
 from dist_ptq.config.patterns import unmatched_patterns, warn_unmatched
 from dist_ptq.config.ptq_config import CONFIG_VERSION, GROUP_SIZES, PTQConfig
 from dist_ptq.config.yaml_io import dump_yaml, load_yaml
 
 __all__ = [
-    "CONFIG_VERSION", "GROUP_SIZES", "AWQConfig", "AlgoArgs", "BackendTarget", "GPTQQuantConfig",
+    "CONFIG_VERSION", "GROUP_SIZES", "AWQConfig", "AlgoArgs", "BackendTarget", "GPTQQuantConfig", "OSLConfig",
     "OutliersSuppressionType", "PTQConfig", "PTQMode", "PrecisionRecovery", "QuantGranularity",
     "SmoothQuantConfig", "dump_yaml", "load_yaml", "unmatched_patterns", "warn_unmatched",
 ]

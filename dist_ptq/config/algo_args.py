@@ -14,7 +14,7 @@ from dist_ptq.config.enums import OutliersSuppressionType, PrecisionRecovery
 class SmoothQuantConfig:
     """SmoothQuant migration strength: ``s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha)`` (SPEC §3).
 
-    Used when ``outliers_suppression`` is SMOOTH (OSL, which would use it too, is refused for now).
+    Used when ``outliers_suppression`` is SMOOTH (OSL searches alpha instead: :class:`OSLConfig`).
     """
 
     alpha: float = 0.5
@@ -81,14 +81,36 @@ class AWQConfig:
         object.__setattr__(self, "weight_clip_ratio", ratios)
 
 
-AlgoArgs = Union[dict, SmoothQuantConfig, GPTQQuantConfig, AWQConfig]
-_A = TypeVar("_A", SmoothQuantConfig, GPTQQuantConfig, AWQConfig)
-_ALGO_CLASSES = (SmoothQuantConfig, GPTQQuantConfig, AWQConfig)
+def _default_osl_alphas() -> list[float]:
+    return [0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]  # Golden Stick's OSL grid
+
+
+@dataclasses.dataclass(frozen=True)
+class OSLConfig:
+    """OutlierSuppressionLite: SmoothQuant's alpha searched per input group on the quantized output error.
+
+    Used when ``outliers_suppression`` is OSL. ``alpha_grid`` are the migration strengths tried;
+    with ``allow_unsmoothed`` the group may also stay unsmoothed (s = 1) where that scores best.
+    """
+
+    alpha_grid: list[float] = dataclasses.field(default_factory=_default_osl_alphas)
+    allow_unsmoothed: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "OSLConfig "
+        _boolean(owner, "allow_unsmoothed", self.allow_unsmoothed)
+        object.__setattr__(self, "alpha_grid", _reals(owner, "alpha_grid", self.alpha_grid, 0.0, False, 1.0))
+
+
+AlgoArgs = Union[dict, SmoothQuantConfig, GPTQQuantConfig, AWQConfig, OSLConfig]
+_A = TypeVar("_A", SmoothQuantConfig, GPTQQuantConfig, AWQConfig, OSLConfig)
+_ALGO_CLASSES = (SmoothQuantConfig, GPTQQuantConfig, AWQConfig, OSLConfig)
 _ALGO_KEYS = {f.name: cls for cls in _ALGO_CLASSES for f in dataclasses.fields(cls)}
 """Every key an ``algo_args`` dict may hold, and the dataclass it belongs to (names do not clash)."""
 
 _ENABLING_SETTING = {SmoothQuantConfig: "outliers_suppression SMOOTH",
                      AWQConfig: "outliers_suppression AWQ",
+                     OSLConfig: "outliers_suppression OSL",
                      GPTQQuantConfig: "precision_recovery GPTQ"}
 """The setting that turns each algorithm on, as error messages name it."""
 
@@ -99,6 +121,8 @@ def _algo_enabled(cls: type, suppression: Any, recovery: Any) -> bool:
         return suppression is OutliersSuppressionType.SMOOTH
     if cls is AWQConfig:
         return suppression is OutliersSuppressionType.AWQ
+    if cls is OSLConfig:
+        return suppression is OutliersSuppressionType.OSL
     return recovery is PrecisionRecovery.GPTQ
 
 

@@ -154,13 +154,3 @@ def _check_dtype(name: str, value: Any) -> None:
         names = ", ".join("None" if a is None else _dtype_api_name(a) for a in allowed)
         raise ValueError(f"field '{name}': got {_got(value)}; allowed: {names}")
 
-
-_IMPLEMENTED_SUPPRESSION = (OutliersSuppressionType.NONE, OutliersSuppressionType.SMOOTH, OutliersSuppressionType.AWQ)
-"""Suppression types that quant/ acts on; OSL is a valid enum member but has no implementation yet."""
-
-
-def _check_suppression_implemented(value: OutliersSuppressionType) -> None:
-    """Refuse OSL rather than let it quantize with no smoothing at all (issue 13 item 7)."""
-    if value not in _IMPLEMENTED_SUPPRESSION:
-        raise ValueError(f"field 'outliers_suppression': {_show(value)} is not implemented yet; accepted: "
-                         f"{', '.join(_show(a) for a in _IMPLEMENTED_SUPPRESSION)}")

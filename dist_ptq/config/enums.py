@@ -31,9 +31,9 @@ class QuantGranularity(enum.Enum):
 class OutliersSuppressionType(enum.Enum):
     """How activation outliers are moved into the weights before quantization.
 
-    OSL (Golden Stick's OutlierSuppressionLite) is named by the seed but not implemented here yet:
-    :class:`~dist_ptq.config.PTQConfig` refuses it rather than quantizing with no smoothing.
-    ``OUTLIER_SUPPRESSION_LITE`` is Golden Stick's name for the same member (an alias of OSL).
+    OSL (Golden Stick's OutlierSuppressionLite) is SmoothQuant with alpha searched per input group on
+    the quantized output error (``quant/osl.py``). ``OUTLIER_SUPPRESSION_LITE`` is Golden Stick's name
+    for the same member (an alias of OSL).
     """
 
     NONE = "none"

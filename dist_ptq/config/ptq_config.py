@@ -18,7 +18,7 @@ from mindspore import dtype as mstype
 from dist_ptq.config.algo_args import (_A, _ALGO_CLASSES, _ALGO_KEYS, _ENABLING_SETTING, AlgoArgs, GPTQQuantConfig,
                                        _algo_class_of, _algo_enabled)
 from dist_ptq.config.checks import (_DTYPE_BY_NAME, _DTYPE_FIELDS, _ENUM_FIELDS, _boolean, _check_dtype, _check_enum,
-                                    _check_suppression_implemented, _dtype_yaml_name, _got, _integer, _same_dtype,
+                                    _dtype_yaml_name, _got, _integer, _same_dtype,
                                     _show, _yaml_kind)
 from dist_ptq.config.enums import BackendTarget, OutliersSuppressionType, PrecisionRecovery, PTQMode, QuantGranularity
 from dist_ptq.errors import ConfigError
@@ -43,9 +43,6 @@ class PTQConfig:
     ``model.layers.3.mlp.down_proj``) to complete configs for the layers they match; two patterns
     matching one layer is an error (see :meth:`config_for`). Policies must share ``mode`` and ``backend`` and hold none of
     their own.
-
-    ``outliers_suppression=OSL`` is refused (ValueError) until OSL is implemented: quant/ acts only on
-    SMOOTH and AWQ, so accepting it would quantize with no smoothing at all.
     """
 
     mode: PTQMode = PTQMode.QUANTIZE
@@ -74,7 +71,6 @@ class PTQConfig:
         for name in ("outliers_suppression", "act_quant_granularity", "kvcache_quant_granularity",
                      "precision_recovery", "weight_quant_granularity"):
             _check_enum(name, getattr(self, name))
-        _check_suppression_implemented(self.outliers_suppression)
         group_size = _integer("", "group_size", self.group_size)
         _boolean("", "weight_clip", self.weight_clip)
         self._check_consistency(group_size)
@@ -128,7 +124,7 @@ class PTQConfig:
             raise ValueError(f"field 'group_size': {group_size} must be 0 unless "
                              "weight_quant_granularity is PER_GROUP (then 64, 128 or 256)")
         suppression = self.outliers_suppression
-        if suppression is OutliersSuppressionType.SMOOTH and act is None:
+        if suppression in (OutliersSuppressionType.SMOOTH, OutliersSuppressionType.OSL) and act is None:
             raise ValueError(f"field 'outliers_suppression': {_show(suppression)} smooths activations "
                              "for W8A8 and needs act_quant_dtype int8, got None")
         if suppression is OutliersSuppressionType.AWQ and (act is not None or weight is None):
@@ -205,7 +201,7 @@ class PTQConfig:
         """
         if cls not in _ALGO_CLASSES:
             raise TypeError(f"algo(): expected one of SmoothQuantConfig, GPTQQuantConfig, "
-                            f"AWQConfig, got {cls!r}")
+                            f"AWQConfig, OSLConfig, got {cls!r}")
         args = self.algo_args
         if isinstance(args, cls):
             return args

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from dist_ptq.config import (AWQConfig, GPTQQuantConfig, OutliersSuppressionType, PrecisionRecovery, PTQConfig,
+from dist_ptq.config import (AWQConfig, GPTQQuantConfig, OSLConfig, OutliersSuppressionType, PrecisionRecovery, PTQConfig,
                              QuantGranularity, SmoothQuantConfig)
 from dist_ptq.errors import CalibrationError, ConfigError
 from dist_ptq.model.arch import ArchSpec, LayerSpec
@@ -30,6 +30,7 @@ from dist_ptq.quant.clip import clip_search
 from dist_ptq.quant.gptq import gptq_quantize
 from dist_ptq.quant.kvcache import static_kv_scales
 from dist_ptq.quant.observers import LayerStats
+from dist_ptq.quant.osl import osl_search
 from dist_ptq.quant.quantized import QuantizedLayer, QuantLinear, Recovery
 from dist_ptq.quant.schemes import FORMATS, MODEL, KVScheme, Scheme, kv_scheme, linear_scheme
 from dist_ptq.quant.smooth import smooth_scale
@@ -64,8 +65,10 @@ def _sample(stats: LayerStats | None, tap: str, layer: int) -> np.ndarray:
 
 
 def _act_key(cfg: PTQConfig) -> tuple:
-    smooth = cfg.outliers_suppression is OutliersSuppressionType.SMOOTH
-    return (cfg.act_quant_granularity, smooth, cfg.algo(SmoothQuantConfig).alpha if smooth else None)
+    sup = cfg.outliers_suppression
+    args = (cfg.algo(SmoothQuantConfig).alpha if sup is OutliersSuppressionType.SMOOTH else
+            str(cfg.algo(OSLConfig)) if sup is OutliersSuppressionType.OSL else None)
+    return (cfg.act_quant_granularity, sup is OutliersSuppressionType.SMOOTH or sup is OutliersSuppressionType.OSL, args)
 
 
 def _awq_key(cfg: PTQConfig) -> tuple:
@@ -181,10 +184,17 @@ def quantize_layer(
         if act:
             c0 = next(iter(act.values()))
             st = _need(stats, group, index)
+            static = c0.act_quant_granularity is QuantGranularity.PER_TENSOR
+            osl = None
             if c0.outliers_suppression is OutliersSuppressionType.SMOOTH:
                 alpha = c0.algo(SmoothQuantConfig).alpha
                 s = smooth_scale(st.absmax, [weights[m + ".weight"] for m in act], alpha)
-            static = c0.act_quant_granularity is QuantGranularity.PER_TENSOR
+            elif c0.outliers_suppression is OutliersSuppressionType.OSL:
+                a = c0.algo(OSLConfig)
+                osl = osl_search(_sample(stats, group, index), st.absmax, [weights[m + ".weight"] for m in act],
+                                 a.alpha_grid, a.allow_unsmoothed, st.min if static else None,
+                                 st.max if static else None, c0.weight_bits, c0.group_size)
+                s = osl.scale
             if static:
                 sm = np.ones_like(st.absmax) if s is None else s
                 x_scale, x_offset = P.asym_params((st.min / sm).min(), (st.max / sm).max())
@@ -197,6 +207,8 @@ def quantize_layer(
             ws, q, rec = _quantize_weight(w, c, stats, group, x_div, index, prefix + m)
             if group in awq:
                 rec.awq_alpha = awq[group][1]
+            if m in act and osl is not None:
+                rec.osl_alpha, rec.osl_error, rec.osl_unsmoothed_error = osl.alpha, osl.error, osl.unsmoothed_error
             fmt = FORMATS[linear_scheme(c)]
             lin = QuantLinear(kind=fmt.scheme, q=q, scale=ws, recovery=rec)
             if m in act and static:

@@ -18,6 +18,9 @@ class Recovery:
     """What the searches and the GPTQ solve settled on for one linear (numbers for the layer report)."""
 
     awq_alpha: float | None = None  # None: no AWQ, or plain RTN (s = 1) scored best
+    osl_alpha: float | None = None  # OSL's alpha; None with OSL errors set: the group stayed unsmoothed
+    osl_error: float | None = None  # relative output error of the group with OSL's choice
+    osl_unsmoothed_error: float | None = None  # the same without smoothing
     clip_ratio_mean: float | None = None  # mean chosen clip ratio, None when no clip search ran
     gptq_damp: float | None = None  # damp_percent used, None without GPTQ
     gptq_damp_raises: int | None = None

@@ -77,10 +77,11 @@ def resolve_schedule(cfg: PTQConfig, schedule: Schedule | str) -> Schedule:
 
 
 def calibration_needs(cfg: PTQConfig, num_batches: int) -> Needs:
-    """What calibration must record for ``cfg``: Hessians for GPTQ, input samples for AWQ / clip search."""
+    """What calibration must record for ``cfg``: Hessians for GPTQ, input samples for AWQ / OSL / clip search."""
     every = [cfg, *cfg.layer_policies.values()]
     hessian = any(c.precision_recovery is PrecisionRecovery.GPTQ for c in every)
-    search = any(c.outliers_suppression is OutliersSuppressionType.AWQ or c.weight_clip for c in every)
+    searching = (OutliersSuppressionType.AWQ, OutliersSuppressionType.OSL)
+    search = any(c.outliers_suppression in searching or c.weight_clip for c in every)
     rows = -(-SEARCH_TOKENS // max(num_batches, 1)) if search else 0
     return Needs(hessian=hessian, sample_rows=rows)
 
@@ -287,7 +288,7 @@ def _check_recipe(cfg: PTQConfig, spec: ArchSpec, schedule: Schedule | str, tp: 
         if sched is not Schedule.PIPELINE:
             raise ConfigError("--stats serves configs of the pipeline schedule; GPTQ/AWQ calibrate on quantized inputs")
         if calibration_needs(cfg, 1).sample_rows:
-            raise ConfigError("--stats holds no calibration input samples, which weight_clip searches on; "
+            raise ConfigError("--stats holds no calibration input samples, which OSL and weight_clip search on; "
                               "expected --calib FILE instead of --stats for this config")
     return sched
 
