@@ -407,6 +407,8 @@ def test_report_says_what_recovery_settled_on(run):
                 keys |= {"gptq_damp", "gptq_damp_raises", "gptq_loss"}
             if eff.get("outliers_suppression") == "awq" or eff.get("weight_clip"):
                 keys.add("clip_ratio_mean")
+            if eff.get("weight_clip") and eff.get("act_quant_dtype") and eff.get("act_quant_granularity", "per_tensor") == "per_tensor":
+                keys.add("act_clip_ratio")  # and the static activation range
             if eff.get("outliers_suppression") == "osl":
                 keys |= {"osl_error", "osl_unsmoothed_error"}  # osl_alpha too, unless it stayed unsmoothed
             if keys:

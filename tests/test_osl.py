@@ -1,4 +1,5 @@
-"""quant/osl.py and OSL in quantize_layer: the searched smoothing against an independent numpy reference."""
+"""quant/osl.py, OSL in quantize_layer, and the activation clip search that shares its objective:
+against an independent numpy reference."""
 
 from __future__ import annotations
 
@@ -110,3 +111,20 @@ def test_quantize_layer_with_osl_stores_the_chosen_smoothing():
     np.testing.assert_allclose(lin.input_scale, np.float32(lin.x_scale) * s, rtol=1e-6)
     assert lin.recovery.osl_error < lin.recovery.osl_unsmoothed_error
     assert cfg.act_quant_granularity is QuantGranularity.PER_TENSOR
+
+
+def test_activation_clip_picks_the_argmin_and_clips_a_rare_extreme():
+    """One token 50× the rest stretches the per-tensor range: clipping it costs that token, saves all others."""
+    from dist_ptq.quant.clip import act_clip_search
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1024, 64)).astype(np.float32)
+    x[7] *= 50.0
+    ws = [rng.normal(size=(32, 64)).astype(np.float32) * 0.05]
+    ones = np.ones(64, np.float32)
+    ratios = [1.0, 0.5, 0.2, 0.1, 0.05]
+    got = act_clip_search(x[::2], ws, ones, x.min(0), x.max(0), ratios)  # the sample misses token 7
+    def err(r):
+        return group_error(x[::2], ws, ones, x.min(0) * np.float32(r), x.max(0) * np.float32(r))
+    assert got == min(ratios, key=err) and got < 1.0
+    assert err(got) < 0.5 * err(1.0)

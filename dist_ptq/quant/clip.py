@@ -1,10 +1,16 @@
-"""Weight clipping: per output channel (or per channel and group), the clip ratio r that minimizes the
+"""Clipping searched on calibration inputs: weights (AWQ-style) and static activation ranges (OmniQuant-style).
+
+Weight clipping: per output channel (or per channel and group), the clip ratio r that minimizes the
 linear's output error on calibration inputs, with scale = absmax·r / qmax (Lin et al., AWQ §3.3).
 
 For each candidate r the loss of row o is ‖X W_oᵀ − X Q_r(W)_oᵀ‖² over the sample rows of X; per
 group it is the group's own contribution ‖X_g (W_o,g − Q_r(W)_o,g)ᵀ‖², as llm-awq's ``auto_clip``
 computes it. Products are MindSpore float32 matmuls (they run where the model runs); the per-row
 losses come back as float64. Ties go to the earlier ratio in the grid (the default grid starts at 1.0: no clip).
+
+Activation clipping (W8A8 static, with ``weight_clip``): one ratio r for the per-tensor range of an
+input group, [r·lo, r·hi], the one whose quantized group output error (``osl.group_error``: the
+activation quantized with that range, the weights as stored) is lowest on the calibration sample.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import numpy as np
 from mindspore import ops
 
 from dist_ptq.quant import primitives as P
+from dist_ptq.quant.osl import group_error
 
 
 def _row_loss(x: ms.Tensor, err: np.ndarray) -> np.ndarray:
@@ -38,3 +45,11 @@ def clip_search(X: np.ndarray, W: np.ndarray, bits: int, group_size: int, ratios
                                     for j in range(0, ic, g)], axis=1))
     best = np.argmin(np.stack(losses), axis=0)
     return np.asarray(ratios, np.float32)[best]
+
+
+def act_clip_search(X: np.ndarray, weights: list[np.ndarray], s: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                    ratios: list[float], bits: int = 8, group_size: int = 0) -> float:
+    """The ratio r of the grid that scales a static activation range [lo, hi] (per channel, before
+    smoothing by ``s``) to the lowest quantized output error of the group reading it."""
+    errors = [group_error(X, weights, s, lo * np.float32(r), hi * np.float32(r), bits, group_size) for r in ratios]
+    return float(ratios[int(np.argmin(errors))])

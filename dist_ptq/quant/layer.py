@@ -26,7 +26,7 @@ from dist_ptq.errors import CalibrationError, ConfigError
 from dist_ptq.model.arch import ArchSpec, LayerSpec
 from dist_ptq.quant import primitives as P
 from dist_ptq.quant.awq import awq_search
-from dist_ptq.quant.clip import clip_search
+from dist_ptq.quant.clip import act_clip_search, clip_search
 from dist_ptq.quant.gptq import gptq_quantize
 from dist_ptq.quant.kvcache import static_kv_scales
 from dist_ptq.quant.observers import LayerStats
@@ -195,9 +195,15 @@ def quantize_layer(
                                  a.alpha_grid, a.allow_unsmoothed, st.min if static else None,
                                  st.max if static else None, c0.weight_bits, c0.group_size)
                 s = osl.scale
+            act_ratio = None
             if static:
                 sm = np.ones_like(st.absmax) if s is None else s
-                x_scale, x_offset = P.asym_params((st.min / sm).min(), (st.max / sm).max())
+                lo, hi = st.min, st.max
+                if c0.weight_clip:
+                    act_ratio = act_clip_search(_sample(stats, group, index), [weights[m + ".weight"] for m in act], sm,
+                                                lo, hi, c0.algo(AWQConfig).weight_clip_ratio, c0.weight_bits, c0.group_size)
+                    lo, hi = lo * np.float32(act_ratio), hi * np.float32(act_ratio)
+                x_scale, x_offset = P.asym_params((lo / sm).min(), (hi / sm).max())
                 input_scale = round_to_dtype(np.float32(x_scale) * sm, model_dtype)
         for m, c in cfgs.items():
             w = work[m + ".weight"]
@@ -207,6 +213,8 @@ def quantize_layer(
             ws, q, rec = _quantize_weight(w, c, stats, group, x_div, index, prefix + m)
             if group in awq:
                 rec.awq_alpha = awq[group][1]
+            if m in act and act_ratio is not None:
+                rec.act_clip_ratio = act_ratio
             if m in act and osl is not None:
                 rec.osl_alpha, rec.osl_error, rec.osl_unsmoothed_error = osl.alpha, osl.error, osl.unsmoothed_error
             fmt = FORMATS[linear_scheme(c)]

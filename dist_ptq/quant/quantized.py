@@ -22,6 +22,7 @@ class Recovery:
     osl_error: float | None = None  # relative output error of the group with OSL's choice
     osl_unsmoothed_error: float | None = None  # the same without smoothing
     clip_ratio_mean: float | None = None  # mean chosen clip ratio, None when no clip search ran
+    act_clip_ratio: float | None = None  # the static activation range's clip ratio (weight_clip with W8A8)
     gptq_damp: float | None = None  # damp_percent used, None without GPTQ
     gptq_damp_raises: int | None = None
     gptq_loss: float | None = None
