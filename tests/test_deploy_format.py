@@ -41,7 +41,8 @@ from dist_ptq.runtime import coordinator as engine
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "dist_ptq" / "assets" / "tiny-llama" / "tokenizer.json"
-COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+          "added_tokens.json")
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 N_SAMPLES, SEQ_LEN, VOCAB = 4, 32, 96
 TYPES = {"FLOAT", "W8A16", "W4A16", "W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "C8", "C8_DYNAMIC"}
@@ -149,6 +150,8 @@ def env(tmp_path_factory):
         (d / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
         (d / "tokenizer_config.json").write_text('{"model_max_length": 128, "note": "ünïcode"}')
         (d / "generation_config.json").write_text('{"do_sample": false}\n')
+        (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}\n")
+        (d / "added_tokens.json").write_text('{"<|im_end|>": 95}\n')
     calib = root / "calib.npy"
     np.save(calib, CALIB_IDS.astype(np.int64))
     before = {k: tree_hashes(d) for k, d in models.items()}

@@ -19,6 +19,9 @@ COPIED = (
     "tokenizer.model",
     "vocab.json",
     "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",  # transformers ≥ 4.43 writes the chat template beside tokenizer_config.json
+    "chat_template.json",
 )
 
 
