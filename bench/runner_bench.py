@@ -4,6 +4,10 @@
     python bench/runner_bench.py speedup  --work /tmp/dptq-bench     # W8A8 SQ + KV int8, 1 vs 2 workers
     python bench/runner_bench.py compute  --work /tmp/dptq-bench     # calibration forward vs float32 GEMM rate
     python bench/runner_bench.py scaling  --work /tmp/dptq-bench     # time and memory vs layers and width
+    python bench/runner_bench.py scaling  --hidden 2048 --configs w8a8_smoothquant_kv_int8   # calibrated only
+    python bench/runner_bench.py calibrated --work /tmp/dptq-bench --baseline 595a2fd
+        # W8A8 SQ + KV int8, 2 workers, 16 x 256: 7B shape (memory, bytes read), 1.1B shape against the
+        # code at --baseline (a git worktree, run in the same invocation)
 
 Every quantization runs in a fresh subprocess so its peak RSS is its own; timings that are compared
 are taken side by side in the same invocation. Results go to bench/results/runner_<what>.json and
@@ -39,23 +43,33 @@ if a["workers"] * a.get("replicas", 1) > 1 or a.get("ray"):
     ray.init(num_cpus=a["workers"] * a.get("replicas", 1), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
 t1 = time.time()
+extra = {"activation_memory": a["activation_memory"]} if "activation_memory" in a else {}  # older code lacks it
 rep = quantize(a["model"], a["config"], a["out"], calib=a.get("calib"), num_samples=a.get("num_samples", 16),
                seq_len=a.get("seq_len", 256), batch=a.get("batch", 4), workers=a["workers"], replicas=a.get("replicas", 1),
-               schedule=a.get("schedule", "auto"), progress=False, threads=a.get("threads", 1))
+               schedule=a.get("schedule", "auto"), progress=False, threads=a.get("threads", 1), **extra)
 t2 = time.time()
-workers = [r["peak_rss_mb"] for s in rep["stages"] for r in s["replicas"]]
-print("RESULT " + json.dumps({"seconds": t2 - t1, "ray_start_s": t1 - t0,
+import dist_ptq
+replicas = [r for s in rep["stages"] for r in s["replicas"]]
+print("RESULT " + json.dumps({"seconds": t2 - t1, "ray_start_s": t1 - t0, "code": dist_ptq.__file__,
       "driver_peak_rss_mb": peak_rss_mb(),
-      "worker_peak_rss_mb": workers, "layers": rep["layers"]}))
+      "worker_peak_rss_mb": [r["peak_rss_mb"] for r in replicas],
+      "worker_bytes_read": [r.get("bytes_read") for r in replicas],
+      "worker_io": [r.get("io") for r in replicas], "worker_activations": [r.get("activations") for r in replicas],
+      "activation_memory_bytes": rep.get("activation_memory_bytes"), "layers": rep["layers"]}))
 """
 
 
-def run_child(**kw) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw)], capture_output=True, text=True, env=env, cwd=ROOT)
+def run_child(code: Path = ROOT, **kw) -> dict:
+    """One quantization in a fresh process, importing dist_ptq from ``code`` (this tree, or a baseline
+    worktree: PYTHONPATH wins over the editable install)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(code))
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw)], capture_output=True, text=True, env=env, cwd=code)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])
+            got = json.loads(line[7:])
+            if not got["code"].startswith(str(code)):
+                raise RuntimeError(f"benchmark child imported {got['code']}; expected dist_ptq from {code}")
+            return got
     raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
 
 
@@ -212,13 +226,14 @@ def bench_compute(work: Path) -> None:
     save("compute", data, md)
 
 
-def bench_scaling(work: Path) -> None:
+def bench_scaling(work: Path, hiddens: list[int], configs: list[str]) -> None:
+    """Time and peak RSS against layers; a filtered run (one width or recipe) saves as scaling_<filter>."""
     calib = calib_npy(work, 8, 128, 32000)
     rows = []
-    for hidden in (1024, 2048):
+    for hidden in hiddens:
         for layers in (2, 4, 8, 16):
             m = ensure_model(work, f"scale-h{hidden}-l{layers}", "tinyllama-1.1b", layers=layers, hidden=hidden)
-            for cfg in ("w8a16_rtn", "w8a8_smoothquant_kv_int8"):
+            for cfg in configs:
                 out = work / "out-scale"
                 shutil.rmtree(out, ignore_errors=True)
                 r = run_child(model=str(m), config=str(ROOT / f"configs/{cfg}.yaml"), out=str(out), workers=1,
@@ -230,18 +245,83 @@ def bench_scaling(work: Path) -> None:
     shutil.rmtree(work / "out-scale", ignore_errors=True)
     md = "One worker; W8A8 runs calibrate on 8 × 128 tokens.\n\n| hidden | layers | model GB | config | seconds | peak RSS GB |\n|---:|---:|---:|---|---:|---:|\n"
     md += "".join(f"| {r['hidden']} | {r['layers']} | {r['model_gb']:.2f} | {r['config']} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} |\n" for r in rows)
-    save("scaling", {"rows": rows}, md)
+    full = hiddens == [1024, 2048] and configs == list(SCALING_CONFIGS)
+    save("scaling" if full else "scaling_" + "_".join([*map(str, hiddens), *configs]), {"rows": rows}, md)
+
+
+SCALING_CONFIGS = ("w8a16_rtn", "w8a8_smoothquant_kv_int8")
+
+
+def baseline_tree(rev: str) -> Path:
+    """A git worktree of this repository at ``rev`` (created once), whose dist_ptq a child can import."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    tree = Path("/tmp") / f"dptq-baseline-{sha}"
+    if not (tree / "dist_ptq").is_dir():
+        subprocess.run(["git", "worktree", "add", "-f", "--detach", str(tree), sha], cwd=ROOT, check=True, capture_output=True)
+    return tree
+
+
+def _bytes_read_row(r: dict, model_b: int) -> tuple[float, float, float]:
+    """(reader bytes, rchar, storage read_bytes) summed over the workers, each ÷ the model's bytes."""
+    reader = sum(x or 0 for x in r["worker_bytes_read"]) / model_b
+    rchar = sum((x or {}).get("rchar", 0) for x in r["worker_io"]) / model_b
+    storage = sum((x or {}).get("read_bytes", 0) for x in r["worker_io"]) / model_b
+    return reader, rchar, storage
+
+
+def bench_calibrated(work: Path, baseline: str | None) -> None:
+    """The issue-15 figures: W8A8 SmoothQuant + KV int8, 2 workers, 16 × 256 calibration tokens."""
+    cfg = str(ROOT / "configs/w8a8_smoothquant_kv_int8.yaml")
+    calib = calib_npy(work, 16, 256, 32000)
+    common = dict(config=cfg, workers=2, calib=str(calib), num_samples=16, seq_len=256, batch=4)
+    m1 = ensure_model(work, "tinyllama-1.1b", "tinyllama-1.1b")
+    runs = {}
+    out = work / "out-calibrated"
+    trees = [("layer-major", ROOT)] + ([(f"baseline {baseline}", baseline_tree(baseline))] if baseline else [])
+    for label, code in trees:  # side by side, one after the other, same inputs
+        shutil.rmtree(out, ignore_errors=True)
+        runs[f"1.1b {label}"] = run_child(code=code, model=str(m1), out=str(out), **common)
+        print(f"1.1b {label}: {runs[f'1.1b {label}']['seconds']:.1f}s", flush=True)
+    m7 = ensure_model(work, "llama2-7b", "llama2-7b")
+    shutil.rmtree(out, ignore_errors=True)
+    runs["7b layer-major"] = run_child(model=str(m7), out=str(out), **common)
+    shutil.rmtree(out, ignore_errors=True)
+    sizes = {"1.1b": model_bytes(m1), "7b": model_bytes(m7)}
+    rows = []
+    for key, r in runs.items():
+        shape = key.split()[0]
+        reader, rchar, storage = _bytes_read_row(r, sizes[shape])
+        rss = ", ".join(f"{x / 1024:.2f}" for x in r["worker_peak_rss_mb"])
+        rows.append(f"| {shape} | {key.split(' ', 1)[1]} | {sizes[shape] / 1e9:.1f} GB | {rss} | "
+                    f"{r['driver_peak_rss_mb'] / 1024:.2f} | {r['seconds']:.0f} | {reader:.3f} | {rchar:.3f} | {storage:.3f} |\n")
+    ratio = None
+    if baseline:
+        ratio = runs["1.1b layer-major"]["seconds"] / runs[f"1.1b baseline {baseline}"]["seconds"]
+    md = ("W8A8 SmoothQuant + KV int8, 2 workers (2 pipeline stages, one core each), 16 × 256 calibration "
+          "tokens in 4 micro-batches. Bytes read ÷ model size, summed over the workers: by the checkpoint "
+          "reader (tensor bytes), and from `/proc/self/io` (`rchar`: every read call, libraries included; "
+          "`read_bytes`: what reached the disk, less what the page cache served).\n\n"
+          "| shape | code | model | worker peak RSS (GB) | driver peak RSS (GB) | wall (s) | reader bytes ÷ model | "
+          "rchar ÷ model | disk read_bytes ÷ model |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n" + "".join(rows))
+    if ratio is not None:
+        md += f"\n1.1B wall time, layer-major ÷ baseline {baseline} (same invocation): {ratio:.2f}\n"
+    save("calibrated", {"model_bytes": sizes, "runs": runs, "wall_ratio_vs_baseline": ratio, "baseline": baseline}, md)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["memory", "speedup", "compute", "scaling"])
+    ap.add_argument("what", choices=["memory", "speedup", "compute", "scaling", "calibrated"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/dptq-bench"))
     ap.add_argument("--layers", type=int, default=8, help="decoder layers for the speed-up model")
+    ap.add_argument("--hidden", type=int, action="append", help="scaling: widths to run (default 1024 and 2048)")
+    ap.add_argument("--configs", nargs="+", default=list(SCALING_CONFIGS), help="scaling: recipes to run")
+    ap.add_argument("--baseline", default=None, help="calibrated: also run the 1.1B case with the code at this git revision")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     {"memory": lambda: bench_memory(args.work), "speedup": lambda: bench_speedup(args.work, args.layers),
-     "compute": lambda: bench_compute(args.work), "scaling": lambda: bench_scaling(args.work)}[args.what]()
+     "compute": lambda: bench_compute(args.work),
+     "scaling": lambda: bench_scaling(args.work, args.hidden or [1024, 2048], args.configs),
+     "calibrated": lambda: bench_calibrated(args.work, args.baseline)}[args.what]()
 
 
 if __name__ == "__main__":

@@ -70,6 +70,16 @@ def rows_float32(stored: np.ndarray, tag: str, ids: np.ndarray) -> np.ndarray:
     return bf16_bits_to_float32(rows) if tag == "BF16" else rows.astype(np.float32)
 
 
+def proc_io() -> dict[str, int]:
+    """This process's read counters from /proc/self/io: ``rchar`` (every read call, page cache
+    included) and ``read_bytes`` (what reached the storage layer); empty where unavailable."""
+    try:
+        rows = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+        return {k: int(rows[k]) for k in ("rchar", "read_bytes")}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """What every stage worker of one run is given; plain data, so it pickles to Ray actors.
@@ -149,7 +159,7 @@ class StageWorker:
                      for t, n in self.reads.items())
         return {"node": node, "cpu_core": self.cpu, "tensors_read": sorted(self.reads),
                 "tensor_reads": sum(self.reads.values()), "bytes_read": int(nbytes),
-                "peak_rss_mb": round(peak_rss_mb(), 1), "activations": self.budget.record()}
+                "peak_rss_mb": round(peak_rss_mb(), 1), "activations": self.budget.record(), "io": proc_io()}
 
     def _load(self, layer: int) -> _Layer:
         """Layer ``layer`` in float32, read once; the previous layer is released first."""
