@@ -20,7 +20,7 @@ import numpy as np
 from mindspore import ops
 
 from dist_ptq.quant import primitives as P
-from dist_ptq.quant.osl import group_error
+from dist_ptq.quant.osl import float_outputs, group_error
 
 
 def _row_loss(x: ms.Tensor, err: np.ndarray) -> np.ndarray:
@@ -51,5 +51,6 @@ def act_clip_search(X: np.ndarray, weights: list[np.ndarray], s: np.ndarray, lo:
                     ratios: list[float], bits: int = 8, group_size: int = 0) -> float:
     """The ratio r of the grid that scales a static activation range [lo, hi] (per channel, before
     smoothing by ``s``) to the lowest quantized output error of the group reading it."""
-    errors = [group_error(X, weights, s, lo * np.float32(r), hi * np.float32(r), bits, group_size) for r in ratios]
+    ys = float_outputs(X, weights)
+    errors = [group_error(X, weights, s, lo * np.float32(r), hi * np.float32(r), bits, group_size, ys) for r in ratios]
     return float(ratios[int(np.argmin(errors))])

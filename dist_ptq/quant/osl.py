@@ -41,17 +41,23 @@ def _quantized_input(x: np.ndarray, s: np.ndarray, lo: np.ndarray | None, hi: np
     return (P.quantize_asym(xs, scale, offset).astype(np.float32) - offset) * scale
 
 
-def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, lo: np.ndarray | None,
-                hi: np.ndarray | None, bits: int = 8, group_size: int = 0) -> float:
-    """err(s) of the module docstring: float64 sums over the group's outputs."""
-    xq = _quantized_input(x, s, lo, hi).astype(np.float64)
+def float_outputs(x: np.ndarray, weights: list[np.ndarray]) -> list[np.ndarray]:
+    """X W_mᵀ of every linear of the group, float64: what each candidate is compared with."""
     x64 = x.astype(np.float64)
+    return [x64 @ w.astype(np.float64).T for w in weights]
+
+
+def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, lo: np.ndarray | None,
+                hi: np.ndarray | None, bits: int = 8, group_size: int = 0,
+                ys: list[np.ndarray] | None = None) -> float:
+    """err(s) of the module docstring: float64 sums over the group's outputs (``ys``: their float
+    outputs, when the caller scores many candidates on the same sample)."""
+    xq = _quantized_input(x, s, lo, hi).astype(np.float64)
     num = den = 0.0
-    for w in weights:
+    for w, y in zip(weights, ys or float_outputs(x, weights)):
         ws = w * s[None, :]
         scale = P.weight_scale(ws, bits, group_size)
         wq = P.dequantize_weight(P.quantize_weight(ws, scale, bits), scale)
-        y = x64 @ w.astype(np.float64).T
         num += float(((y - xq @ wq.astype(np.float64).T) ** 2).sum())
         den += float((y**2).sum())
     return num / max(den, 1e-30)
@@ -65,12 +71,12 @@ def osl_search(x: np.ndarray, absmax: np.ndarray, weights: list[np.ndarray], alp
     ``x``: (tokens, ic) calibration sample of the input; ``absmax``: its per-channel absmax over all
     calibration tokens (what SmoothQuant uses); ``lo``/``hi``: per-channel min / max for a static
     per-tensor activation quantizer, None for per-token quantization."""
-    ones = np.ones(x.shape[1], np.float32)
-    unsmoothed = group_error(x, weights, ones, lo, hi, bits, group_size)
+    ones, ys = np.ones(x.shape[1], np.float32), float_outputs(x, weights)
+    unsmoothed = group_error(x, weights, ones, lo, hi, bits, group_size, ys)
     best = OSLChoice(None, None, unsmoothed, unsmoothed) if allow_unsmoothed else None
     for alpha in alphas:
         s = smooth_scale(absmax, weights, alpha)
-        err = group_error(x, weights, s, lo, hi, bits, group_size)
+        err = group_error(x, weights, s, lo, hi, bits, group_size, ys)
         if best is None or err < best.error:
             best = OSLChoice(s, float(alpha), err, unsmoothed)
     return best
