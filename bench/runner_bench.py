@@ -269,30 +269,33 @@ def _bytes_read_row(r: dict, model_b: int) -> tuple[float, float, float]:
     return reader, rchar, storage
 
 
-def bench_calibrated(work: Path, baseline: str | None) -> None:
-    """The issue-15 figures: W8A8 SmoothQuant + KV int8, 2 workers, 16 × 256 calibration tokens."""
+def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = None) -> None:
+    """The issue-15 figures: W8A8 SmoothQuant + KV int8, 2 workers, 16 × 256 calibration tokens.
+    ``layers7b``: the 7B shape with fewer layers (peak memory is per layer; bytes read scale with them)."""
     cfg = str(ROOT / "configs/w8a8_smoothquant_kv_int8.yaml")
     calib = calib_npy(work, 16, 256, 32000)
     common = dict(config=cfg, workers=2, calib=str(calib), num_samples=16, seq_len=256, batch=4)
-    m1 = ensure_model(work, "tinyllama-1.1b", "tinyllama-1.1b")
     runs = {}
     out = work / "out-calibrated"
+    m7 = ensure_model(work, f"llama2-7b-{layers7b}l" if layers7b else "llama2-7b", "llama2-7b", layers=layers7b)
+    shutil.rmtree(out, ignore_errors=True)
+    runs["7b layer-major"] = run_child(model=str(m7), out=str(out), **common)
+    print(f"7b: {runs['7b layer-major']['seconds']:.1f}s", flush=True)
+    m1 = ensure_model(work, "tinyllama-1.1b", "tinyllama-1.1b")
     trees = [("layer-major", ROOT)] + ([(f"baseline {baseline}", baseline_tree(baseline))] if baseline else [])
     for label, code in trees:  # side by side, one after the other, same inputs
         shutil.rmtree(out, ignore_errors=True)
         runs[f"1.1b {label}"] = run_child(code=code, model=str(m1), out=str(out), **common)
         print(f"1.1b {label}: {runs[f'1.1b {label}']['seconds']:.1f}s", flush=True)
-    m7 = ensure_model(work, "llama2-7b", "llama2-7b")
-    shutil.rmtree(out, ignore_errors=True)
-    runs["7b layer-major"] = run_child(model=str(m7), out=str(out), **common)
     shutil.rmtree(out, ignore_errors=True)
     sizes = {"1.1b": model_bytes(m1), "7b": model_bytes(m7)}
     rows = []
     for key, r in runs.items():
         shape = key.split()[0]
+        label = f"{shape} ({layers7b} layers)" if shape == "7b" and layers7b else shape
         reader, rchar, storage = _bytes_read_row(r, sizes[shape])
         rss = ", ".join(f"{x / 1024:.2f}" for x in r["worker_peak_rss_mb"])
-        rows.append(f"| {shape} | {key.split(' ', 1)[1]} | {sizes[shape] / 1e9:.1f} GB | {rss} | "
+        rows.append(f"| {label} | {key.split(' ', 1)[1]} | {sizes[shape] / 1e9:.1f} GB | {rss} | "
                     f"{r['driver_peak_rss_mb'] / 1024:.2f} | {r['seconds']:.0f} | {reader:.3f} | {rchar:.3f} | {storage:.3f} |\n")
     ratio = None
     if baseline:
@@ -316,12 +319,13 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, action="append", help="scaling: widths to run (default 1024 and 2048)")
     ap.add_argument("--configs", nargs="+", default=list(SCALING_CONFIGS), help="scaling: recipes to run")
     ap.add_argument("--baseline", default=None, help="calibrated: also run the 1.1B case with the code at this git revision")
+    ap.add_argument("--layers7b", type=int, default=None, help="calibrated: decoder layers of the 7B-shaped model (default 32)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     {"memory": lambda: bench_memory(args.work), "speedup": lambda: bench_speedup(args.work, args.layers),
      "compute": lambda: bench_compute(args.work),
      "scaling": lambda: bench_scaling(args.work, args.hidden or [1024, 2048], args.configs),
-     "calibrated": lambda: bench_calibrated(args.work, args.baseline)}[args.what]()
+     "calibrated": lambda: bench_calibrated(args.work, args.baseline, args.layers7b)}[args.what]()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
 
@@ -78,6 +78,20 @@ def proc_io() -> dict[str, int]:
         return {k: int(rows[k]) for k in ("rchar", "read_bytes")}
     except (OSError, KeyError, ValueError):
         return {}
+
+
+def one_linear_at_a_time(ql: QuantizedLayer, weights: dict[str, ms.Tensor]):
+    """The fake-quant forward's linears, each dequantized when called and dropped after, so the
+    quantized pass holds one float32 linear (180 MB at 7B) rather than all of them (0.8 GB); the
+    values are those of ``fake_linear`` over the whole layer."""
+    plain = fake_linear(replace(ql, linears={}), weights)
+
+    def linear(name: str, x: ms.Tensor) -> ms.Tensor:
+        if name not in ql.linears:
+            return plain(name, x)
+        return fake_linear(replace(ql, linears={name: ql.linears[name]}), weights)(name, x)
+
+    return linear
 
 
 @dataclass(frozen=True)
@@ -220,7 +234,7 @@ class StageWorker:
             cur.tensors = {n: t for n, t in cur.tensors.items() if n.rsplit(".", 1)[0] not in cur.ql.linears}
             cur.arrays = {n: a for n, a in cur.arrays.items() if n in cur.tensors}
         wq = layer_weights_for(cur.ql, cur.tensors)  # AWQ may have changed float tensors (norms)
-        cur.measure = (wq, fake_linear(cur.ql, wq), fake_kv(cur.ql, self.spec.num_kv_heads, self.spec.head_dim))
+        cur.measure = (wq, one_linear_at_a_time(cur.ql, wq), fake_kv(cur.ql, self.spec.num_kv_heads, self.spec.head_dim))
 
     def measure(self, layer: int, batch: int) -> np.ndarray:
         """Per-sample error of the quantized layer on micro-batch ``batch``; in the sequential schedule
