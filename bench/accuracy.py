@@ -2,10 +2,13 @@
 
     python bench/accuracy.py [--max-tokens 32768] [--out bench/results/accuracy.md]
     python bench/accuracy.py --render bench/results/accuracy.json   # the table again from saved figures
+    python bench/accuracy.py --models bundled "harder variant" ...  # a subset of the models
 
 Quantizes with each recipe in configs/ (calibration: the bundled calib.txt, 64 × 256 tokens), then
 evaluates on the held-out valid.txt through the reference quantized inference. Prints a Markdown table
-and writes it (plus JSON) under bench/results/.
+and writes it (plus JSON) under bench/results/. The models: the bundled one, its outlier variant (×32
+on 4 RMSNorm channels) and the harder variant (``outlier_variant.HARDER``: ×64/×32, also on the
+o_proj and down_proj inputs), all the same float function.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ SCHEMES = [
     "kv_int8_dynamic",
     "w8a8_smoothquant_kv_int8",
 ]
+MODELS = ("bundled", "outlier variant", "harder variant")
 
 
 def main() -> int:
@@ -39,6 +43,7 @@ def main() -> int:
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "accuracy.md")
     ap.add_argument("--schemes", nargs="*", default=SCHEMES)
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     ap.add_argument("--render", type=Path, help="print and write the table of a saved JSON instead of measuring")
     args = ap.parse_args()
     if args.render:
@@ -48,15 +53,18 @@ def main() -> int:
 
     from dist_ptq.assets import TINY_LLAMA
     from dist_ptq.eval.run import evaluate
-    from dist_ptq.model.outlier_variant import write_outlier_variant
+    from dist_ptq.model.outlier_variant import HARDER, write_outlier_variant
     from dist_ptq.runtime.coordinator import quantize
 
     valid, calib = TINY_LLAMA / "valid.txt", TINY_LLAMA / "calib.txt"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = {"bundled": TINY_LLAMA, "outlier variant": write_outlier_variant(TINY_LLAMA, tmp / "outlier")}
-        for label, model in models.items():
+        make = {"bundled": lambda: TINY_LLAMA,
+                "outlier variant": lambda: write_outlier_variant(TINY_LLAMA, tmp / "outlier"),
+                "harder variant": lambda: write_outlier_variant(TINY_LLAMA, tmp / "harder", **HARDER)}
+        for label in args.models:
+            model = make[label]()
             base, n_tok = evaluate(model, valid, max_tokens=args.max_tokens)
             rows = {"float": {"ppl": base, "rel": 0.0, "seconds": 0.0}}
             print(f"{label}: float perplexity {base:.3f} over {n_tok} tokens", flush=True)
@@ -77,11 +85,12 @@ def main() -> int:
 
 def write(results: dict, schemes: list[str], num_samples: int, out: Path) -> None:
     """Print the Markdown table and write it with the figures (JSON) beside it."""
+    labels = list(results)  # saved runs hold the models they measured, in order
     lines = [
-        f"Held-out tokens: {results['bundled']['tokens']} (valid.txt, seq-len 256); calibration {num_samples} × 256 tokens.",
+        f"Held-out tokens: {results[labels[0]]['tokens']} (valid.txt, seq-len 256); calibration {num_samples} × 256 tokens.",
         "",
-        "| scheme | bundled ppl | Δ | gap to RTN recovered | time (s) | outlier-variant ppl | Δ | gap to RTN recovered | time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scheme | " + " | ".join(f"{label.replace(' ', '-')} ppl | Δ | gap to RTN recovered | time (s)" for label in labels) + " |",
+        "|---|" + "---:|---:|---:|---:|" * len(labels),
     ]
 
     def recovered(label: str, scheme: str) -> str:
@@ -94,7 +103,7 @@ def write(results: dict, schemes: list[str], num_samples: int, out: Path) -> Non
 
     for scheme in ["float", *schemes]:
         cells = []
-        for label in ("bundled", "outlier variant"):
+        for label in labels:
             r = results[label]["rows"][scheme]
             cells += [f"{r['ppl']:.3f}", f"{100 * r['rel']:+.2f}%", recovered(label, scheme), f"{r['seconds']:.1f}"]
         lines.append(f"| {scheme} | " + " | ".join(cells) + " |")

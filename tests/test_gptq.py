@@ -212,3 +212,95 @@ def test_zero_weight_gets_finite_unit_scales():
     x = calib()
     got = gptq_quantize(np.zeros((OC, IC), np.float32), hessian(x), 4, 16)
     assert (got.q == 0).all() and (got.scale == 1).all()
+
+
+# ------------------------------------------------------------------ the harder outlier variant (issue 17)
+# Real inputs of a trained model (the bundled tiny Llama) with ×64/×32 outlier channels on every linear's
+# input (outlier_variant.HARDER): Hessians from 16 × 128 calibration tokens, errors measured on 16 × 128
+# held-out tokens (valid.txt), so a solve that only fits the calibration set does not pass.
+
+LAYERS, TAPS = (1, 3), {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
+                        "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in",
+                        "mlp.down_proj": "down_in"}
+
+
+@pytest.fixture(scope="module")
+def harder(tmp_path_factory):
+    """{(layer, linear): (W, H_calib, H_heldout, input absmax)} of the harder variant, float layers."""
+    from dist_ptq.assets import TINY_LLAMA
+    from dist_ptq.calib.data import make_samples, token_ids
+    from dist_ptq.model.checkpoint import Checkpoint
+    from dist_ptq.model.forward import decoder_layer, to_tensor
+    from dist_ptq.model.layer_source import FloatSource
+    from dist_ptq.model.outlier_variant import HARDER, write_outlier_variant
+
+    variant = write_outlier_variant(TINY_LLAMA, tmp_path_factory.mktemp("gptq") / "harder", **HARDER)
+    ckpt = Checkpoint(variant)
+    src = FloatSource(ckpt, 128)
+    xs = {part: src.embed(make_samples(token_ids(TINY_LLAMA / f"{part}.txt", variant, ckpt.spec.vocab_size),
+                                       16, 128, part)) for part in ("calib", "valid")}
+    out = {}
+    for i in range(max(LAYERS) + 1):
+        w = {k: to_tensor(v) for k, v in ckpt.layer(i).items()}
+        seen: dict[str, dict[str, np.ndarray]] = {}
+        for part, x in xs.items():
+            def tap(name, t, part=part):
+                if name in TAPS.values():
+                    seen.setdefault(part, {})[name] = t.asnumpy().reshape(-1, t.shape[-1])
+            xs[part] = decoder_layer(w, ckpt.spec, x, src.rope.cos_sin, src.rope.mask, tap=tap)
+        if i in LAYERS:
+            for m, t in TAPS.items():
+                out[i, m] = (ckpt.layer(i)[m + ".weight"].astype(np.float32), hessian(seen["calib"][t]),
+                             hessian(seen["valid"][t]), np.abs(seen["calib"][t]).max(0))
+    ckpt.close()
+    return out
+
+
+def rel_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² from X's Hessian: the linear's relative output error."""
+    d, w64 = (w - w_hat).astype(np.float64), w.astype(np.float64)
+    return float(np.einsum("ij,jk,ik->", d, h, d) / np.einsum("ij,jk,ik->", w64, h, w64))
+
+
+def rtn(w: np.ndarray, bits: int, group: int) -> np.ndarray:
+    ws = P.weight_scale(w, bits, group)
+    return P.dequantize_weight(P.quantize_weight(w, ws, bits), ws)
+
+
+@pytest.mark.parametrize("group", [128, 0])
+def test_gptq_beats_rtn_on_the_harder_outlier_variant(harder, group):
+    """Stated margins, on held-out tokens: the output error summed over the 14 linears is at most 60%
+    of RTN's (measured 49-50%), no linear's is above 90% of RTN's (down_proj, 1024 inputs fitted on
+    2048 tokens, is the worst: 74-84%), and activation order (static groups) sums to at most 85% of
+    plain GPTQ's (measured 72-76%)."""
+    base, plain, act = [], [], []
+    for (i, m), (w, h, h_out, _) in harder.items():
+        base.append(rel_error(w, rtn(w, 4, group), h_out))
+        got = gptq_quantize(w, h, 4, group)
+        plain.append(rel_error(w, P.dequantize_weight(got.q, got.scale), h_out))
+        assert plain[-1] < 0.9 * base[-1], (i, m, plain[-1], base[-1])
+        got = gptq_quantize(w, h, 4, group, desc_act=True, static_groups=bool(group))
+        act.append(rel_error(w, P.dequantize_weight(got.q, got.scale), h_out))
+    assert sum(plain) <= 0.6 * sum(base), (sum(plain), sum(base))
+    assert sum(act) <= 0.85 * sum(plain), (sum(act), sum(plain))
+
+
+@pytest.mark.parametrize("case", ["w4_g128", "w4_per_channel", "w8_smoothquant"])
+def test_as_good_as_the_paper_gptq_on_outlier_inputs(harder, case):
+    """The float32 blocked solve loses nothing to the float64 column-by-column one (the reference
+    algorithm) on outlier inputs: W4 g128, W4 per channel, and W8 per channel on SmoothQuant's
+    W·diag(s) with H/(s sᵀ), as quant/layer.py hands them over. Layer 3's seven linears (the float64
+    reference is a Python loop over columns); measured: within 0.03% of the reference's error."""
+    from dist_ptq.quant.smooth import smooth_scale
+
+    bits, group = {"w4_g128": (4, 128), "w4_per_channel": (4, 0), "w8_smoothquant": (8, 0)}[case]
+    for (i, m), (w, h, _, absmax) in ((k, v) for k, v in harder.items() if k[0] == LAYERS[-1]):
+        if case == "w8_smoothquant":
+            s = smooth_scale(absmax, [w], 0.5).astype(np.float64)
+            w, h = (w * s[None, :]).astype(np.float32), h / np.outer(s, s)
+        got = gptq_quantize(w, h, bits, group)
+        want_q, want_scale = ref_gptq(w, h, bits, group)
+        e = rel_error(w, P.dequantize_weight(got.q, got.scale), h)
+        e_ref = rel_error(w, P.dequantize_weight(want_q, want_scale.astype(np.float32)), h)
+        assert e <= 1.01 * e_ref, (i, m, e, e_ref)
+        assert e < 0.6 * rel_error(w, rtn(w, bits, group), h)  # on the calibration tokens: ≤ 52% measured

@@ -8,7 +8,7 @@ import pytest
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.forward import configure_mindspore, decoder_layer, to_tensor
 from dist_ptq.model.layer_source import FloatSource
-from dist_ptq.model.outlier_variant import outlier_channels, write_outlier_variant
+from dist_ptq.model.outlier_variant import HARDER, outlier_channels, write_outlier_variant
 from dist_ptq.model.synthetic import tiny_config, write_random_model
 
 SEQ = 24
@@ -28,7 +28,7 @@ def forward(model_dir, ids):
         taps = {}
 
         def tap(name, t, taps=taps):
-            if name in ("attn_in", "mlp_in"):
+            if name in ("attn_in", "mlp_in", "o_in", "down_in"):
                 taps[name] = np.abs(t.asnumpy()).reshape(-1, t.shape[-1]).max(0)
 
         w = {k: to_tensor(v) for k, v in ckpt.layer(i).items()}
@@ -103,4 +103,92 @@ def test_factor_must_be_a_power_of_two(tmp_path):
     src = write_random_model(tmp_path / "src", tiny_config("llama"), dtype="BF16")
     with pytest.raises(ValueError, match="power of two"):
         write_outlier_variant(src, tmp_path / "v", factor=30.0)
+    assert not (tmp_path / "v").exists()
+
+
+# ---------------------------------------------------------------- the harder variant (HARDER)
+
+
+def o_columns(v_rows: np.ndarray, cfg: dict) -> np.ndarray:
+    """o_proj input columns that read v row k·d + c: h·d + c for every query head h of kv head k."""
+    d, rep = cfg["head_dim"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    return np.sort([(k * rep + j) * d + r % d for r in v_rows for k in [r // d] for j in range(rep)])
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: v_proj has a bias that scales too
+def harder(request, tmp_path_factory):
+    configure_mindspore()
+    root = tmp_path_factory.mktemp("harder")
+    cfg = tiny_config(request.param)
+    src = write_random_model(root / "src", cfg, seed=7, dtype="BF16")
+    return cfg, src, write_outlier_variant(src, root / "variant", **HARDER)
+
+
+def test_harder_variant_preserves_the_function(harder):
+    cfg, src, dst = harder
+    ids = np.random.default_rng(3).integers(0, cfg["vocab_size"], size=(2, SEQ))
+    want, _ = forward(src, ids)
+    got, _ = forward(dst, ids)
+    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    assert rel < 1e-5, rel
+
+
+def test_harder_variant_has_outliers_on_every_linear_input(harder):
+    cfg, src, dst = harder
+    ids = np.random.default_rng(4).integers(0, cfg["vocab_size"], size=(2, SEQ))
+    _, src_absmax = forward(src, ids)
+    _, var_absmax = forward(dst, ids)
+    kv_rows = cfg["num_key_value_heads"] * cfg["head_dim"]
+    planted = {  # which input channels carry ×64 / ×32 (the factors in sorted-channel order)
+        "attn_in": outlier_channels(cfg["hidden_size"], 4, 0),
+        "mlp_in": outlier_channels(cfg["hidden_size"], 4, 0),
+        "o_in": o_columns(outlier_channels(kv_rows, 4, 1), cfg),
+        "down_in": outlier_channels(cfg["intermediate_size"], 4, 2),
+    }
+    for layer_src, layer_var in zip(src_absmax, var_absmax):
+        for tap, chans in planted.items():
+            ratio = layer_var[tap][chans] / layer_src[tap][chans]
+            assert np.isin(ratio, [32.0, 64.0]).all(), (tap, ratio)  # exact powers of two
+            others = np.setdiff1d(np.arange(layer_src[tap].size), chans)
+            np.testing.assert_array_equal(layer_var[tap][others], layer_src[tap][others])
+        # o_in: every query head of the kv head sees the same factor for channel c
+        f = layer_var["o_in"][planted["o_in"]] / layer_src["o_in"][planted["o_in"]]
+        assert sorted(f) == sorted(np.repeat([64.0, 32.0, 64.0, 32.0], cfg["num_attention_heads"] // cfg["num_key_value_heads"]))
+
+
+def test_harder_variant_tensors(harder):
+    cfg, src, dst = harder
+    a, b = Checkpoint(src), Checkpoint(dst)
+    p = "model.layers.1."
+    v_rows = outlier_channels(cfg["num_key_value_heads"] * cfg["head_dim"], 4, 1)
+    up_rows = outlier_channels(cfg["intermediate_size"], 4, 2)
+    norm = outlier_channels(cfg["hidden_size"], 4, 0)
+    f = np.array([64.0, 32.0, 64.0, 32.0], np.float32)
+    np.testing.assert_array_equal(b.get(p + "input_layernorm.weight")[norm], f * a.get(p + "input_layernorm.weight")[norm])
+    v0, v1 = a.get(p + "self_attn.v_proj.weight"), b.get(p + "self_attn.v_proj.weight")
+    np.testing.assert_array_equal(v1[v_rows][:, norm], v0[v_rows][:, norm] * (f[:, None] / f[None, :]))
+    o0, o1 = a.get(p + "self_attn.o_proj.weight"), b.get(p + "self_attn.o_proj.weight")
+    d, rep = cfg["head_dim"], cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    factor_of_v_row = dict(zip(v_rows.tolist(), f.tolist()))
+    cols = o_columns(v_rows, cfg)
+    o_factor = np.array([factor_of_v_row[(c // d // rep) * d + c % d] for c in cols], np.float32)
+    np.testing.assert_array_equal(o1[:, cols] * o_factor[None, :], o0[:, cols])
+    np.testing.assert_array_equal(np.delete(o1, cols, axis=1), np.delete(o0, cols, axis=1))
+    u0, u1 = a.get(p + "mlp.up_proj.weight"), b.get(p + "mlp.up_proj.weight")
+    np.testing.assert_array_equal(u1[up_rows][:, norm], u0[up_rows][:, norm] * (f[:, None] / f[None, :]))
+    d0, d1 = a.get(p + "mlp.down_proj.weight"), b.get(p + "mlp.down_proj.weight")
+    np.testing.assert_array_equal(d1[:, up_rows] * f[None, :], d0[:, up_rows])
+    np.testing.assert_array_equal(a.get(p + "mlp.gate_proj.weight")[:, norm], b.get(p + "mlp.gate_proj.weight")[:, norm] * f)
+    if cfg["model_type"] == "qwen2":
+        np.testing.assert_array_equal(b.get(p + "self_attn.v_proj.bias")[v_rows], f * a.get(p + "self_attn.v_proj.bias")[v_rows])
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("factor, message", [((64.0, 32.0), "factor has 2 values; expected one, or one per channel \\(4\\)"),
+                                             ((64.0, 32.0, 48.0, 32.0), "factor=48; expected a power of two")])
+def test_per_channel_factors_are_checked(tmp_path, factor, message):
+    src = write_random_model(tmp_path / "src", tiny_config("llama"), dtype="BF16")
+    with pytest.raises(ValueError, match=message):
+        write_outlier_variant(src, tmp_path / "v", factor=factor, inner=True)
     assert not (tmp_path / "v").exists()
