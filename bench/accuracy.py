@@ -83,6 +83,11 @@ def main() -> int:
     return 0
 
 
+# the recipe each searched or GPTQ recipe is measured against where it is not W4A16 RTN g128 / SmoothQuant
+BASELINE = {"w4a8_dynamic_gptq_g128": "w4a8_dynamic_g128", "w8a8_static_clip": "w8a8_static",
+            "w8a8_dynamic_osl": "w8a8_dynamic_smooth"}
+
+
 def write(results: dict, schemes: list[str], num_samples: int, out: Path) -> None:
     """Print the Markdown table and write it with the figures (JSON) beside it."""
     labels = list(results)  # saved runs hold the models they measured, in order
@@ -95,8 +100,9 @@ def write(results: dict, schemes: list[str], num_samples: int, out: Path) -> Non
 
     def recovered(label: str, scheme: str) -> str:
         rows = results[label]["rows"]
-        rtn = rows.get("w4a16_rtn_g128") if scheme.startswith("w4a16") else rows.get("w8a8_smoothquant")
-        if rtn is None or not re.search(r"gptq|awq|clip", scheme):  # only the recovery recipes
+        base = BASELINE.get(scheme, "w4a16_rtn_g128" if scheme.startswith("w4a16") else "w8a8_smoothquant")
+        rtn = rows.get(base)
+        if rtn is None or not re.search(r"gptq|awq|clip|osl", scheme):  # only the recovery / search recipes
             return ""
         gap = rtn["ppl"] - rows["float"]["ppl"]
         return f"{100 * (rtn['ppl'] - rows[scheme]['ppl']) / gap:.0f}%" if abs(gap) > 1e-9 else "n/a"
