@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
@@ -119,13 +120,36 @@ class WorkerSettings:
     kill_after_commits: int | None = None  # fault injection for tests: SIGKILL itself after N commits
 
 
+def stored_to_float32(a: np.ndarray, tag: str) -> np.ndarray:
+    """A stored float tensor (BF16 as uint16 bits, F16, F32) as float32; exact."""
+    return bf16_bits_to_float32(a) if tag == "BF16" else a.astype(np.float32)
+
+
+class StoredLayer(Mapping):
+    """A layer's tensors held as stored (bf16: half of float32), each converted to float32 when looked
+    up and not kept: quantizing from it holds one float linear at a time without reading it again."""
+
+    def __init__(self, stored: dict[str, tuple[np.ndarray, str]]):
+        self._stored = stored
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        a, tag = self._stored[name]
+        return stored_to_float32(a, tag)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+
 @dataclass
 class _Layer:
-    """The layer in flight: its float32 tensors (numpy, shared with the MindSpore tensors), and once
-    quantized, the quantized layer and its result."""
+    """The layer in flight: as stored, its float32 MindSpore tensors while float passes need them,
+    and once quantized, the quantized layer and its result."""
 
     index: int
-    arrays: dict[str, np.ndarray]
+    stored: dict[str, tuple[np.ndarray, str]]
     tensors: dict[str, ms.Tensor]
     t0: float
     ql: QuantizedLayer | None = None
@@ -181,8 +205,10 @@ class StageWorker:
             return self.layer
         self.layer = None
         t0 = time.time()
-        arrays = self.ckpt.layer(layer)
-        self.layer = _Layer(layer, arrays, {k: ms.Tensor.from_numpy(v) for k, v in arrays.items()}, t0)
+        prefix = self.spec.layer_prefix(layer)
+        stored = {n[len(prefix):]: self.ckpt.get_stored(n) for n in sorted(self.spec.layer_shapes(layer))}
+        tensors = {n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in stored.items()}
+        self.layer = _Layer(layer, stored, tensors, t0)
         return self.layer
 
     def embed_inputs(self, batches: dict[int, np.ndarray]) -> None:
@@ -225,14 +251,18 @@ class StageWorker:
             cur.result = self._resumed(layer)
             if self.hand_on_quantized:  # the next layer calibrates on the committed layer's outputs
                 cur.ql = self._rebuild(layer)
-        else:
-            cur.result, cur.ql = self._quantize_and_write(layer, merged, cur.arrays)
+        have_float = len(self.outputs) == len(self.inputs)  # every float output is known already
+        if have_float:  # the float32 copy goes before quantizing, which converts one tensor at a time
+            cur.tensors = {}
+        if layer not in self.committed:
+            cur.result, cur.ql = self._quantize_and_write(layer, merged, StoredLayer(cur.stored))
         if cur.ql is None:
+            cur.stored = {}
             return
-        have_float = len(self.outputs) == len(self.inputs)
-        if have_float:  # every float output is known: only the norms etc. are needed from here on
-            cur.tensors = {n: t for n, t in cur.tensors.items() if n.rsplit(".", 1)[0] not in cur.ql.linears}
-            cur.arrays = {n: a for n, a in cur.arrays.items() if n in cur.tensors}
+        if have_float:  # the quantized pass needs the float tensors it does not replace (norms)
+            cur.tensors = {n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in cur.stored.items()
+                           if n.rsplit(".", 1)[0] not in cur.ql.linears}
+        cur.stored = {}
         wq = layer_weights_for(cur.ql, cur.tensors)  # AWQ may have changed float tensors (norms)
         cur.measure = (wq, one_linear_at_a_time(cur.ql, wq), fake_kv(cur.ql, self.spec.num_kv_heads, self.spec.head_dim))
 
