@@ -288,7 +288,8 @@ def _check_recipe(cfg: PTQConfig, spec: ArchSpec, schedule: Schedule | str, tp: 
         if sched is not Schedule.PIPELINE:
             raise ConfigError("--stats serves configs of the pipeline schedule; GPTQ/AWQ calibrate on quantized inputs")
         if calibration_needs(cfg, 1).sample_rows:
-            raise ConfigError("--stats holds no calibration input samples, which OSL and weight_clip search on; "
+            what = "weight_clip" if any(c.weight_clip for c in [cfg, *cfg.layer_policies.values()]) else "OSL"
+            raise ConfigError(f"--stats holds no calibration input samples, which {what} searches on; "
                               "expected --calib FILE instead of --stats for this config")
     return sched
 
