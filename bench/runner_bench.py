@@ -269,7 +269,14 @@ def _bytes_read_row(r: dict, model_b: int) -> tuple[float, float, float]:
     return reader, rchar, storage
 
 
-def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = None) -> None:
+def head_commit(code: Path = ROOT) -> str:
+    """The commit the code was at, '+' when its tracked files had changes: which code a figure is from."""
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "dist_ptq"], cwd=code).returncode != 0
+    return rev + ("+" if dirty else "")
+
+
+def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = None, shapes: tuple[str, ...] = ("7b", "1.1b")) -> None:
     """The issue-15 figures: W8A8 SmoothQuant + KV int8, 2 workers, 16 × 256 calibration tokens.
     ``layers7b``: the 7B shape with fewer layers (peak memory is per layer; bytes read scale with them)."""
     cfg = str(ROOT / "configs/w8a8_smoothquant_kv_int8.yaml")
@@ -278,16 +285,20 @@ def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = No
     runs = {}
     out = work / "out-calibrated"
     m7 = ensure_model(work, f"llama2-7b-{layers7b}l" if layers7b else "llama2-7b", "llama2-7b", layers=layers7b)
-    shutil.rmtree(out, ignore_errors=True)
-    runs["7b layer-major"] = run_child(model=str(m7), out=str(out), **common)
-    print(f"7b: {runs['7b layer-major']['seconds']:.1f}s", flush=True)
+    if "7b" in shapes:
+        shutil.rmtree(out, ignore_errors=True)
+        runs["7b layer-major"] = {**run_child(model=str(m7), out=str(out), **common), "commit": head_commit()}
+        print(f"7b: {runs['7b layer-major']['seconds']:.1f}s", flush=True)
     m1 = ensure_model(work, "tinyllama-1.1b", "tinyllama-1.1b")
     trees = [("layer-major", ROOT)] + ([(f"baseline {baseline}", baseline_tree(baseline))] if baseline else [])
-    for label, code in trees:  # side by side, one after the other, same inputs
+    for label, code in trees if "1.1b" in shapes else []:  # side by side, one after the other, same inputs
         shutil.rmtree(out, ignore_errors=True)
-        runs[f"1.1b {label}"] = run_child(code=code, model=str(m1), out=str(out), **common)
+        runs[f"1.1b {label}"] = {**run_child(code=code, model=str(m1), out=str(out), **common), "commit": head_commit(code)}
         print(f"1.1b {label}: {runs[f'1.1b {label}']['seconds']:.1f}s", flush=True)
     shutil.rmtree(out, ignore_errors=True)
+    recorded = RESULTS / "runner_calibrated.json"
+    if set(shapes) != {"7b", "1.1b"} and recorded.exists():  # a partial run keeps the other shape's record
+        runs = {**{k: v for k, v in json.loads(recorded.read_text())["runs"].items() if k.split()[0] not in shapes}, **runs}
     sizes = {"1.1b": model_bytes(m1), "7b": model_bytes(m7)}
     rows = []
     for key, r in runs.items():
@@ -295,10 +306,10 @@ def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = No
         label = f"{shape} ({layers7b} layers)" if shape == "7b" and layers7b else shape
         reader, rchar, storage = _bytes_read_row(r, sizes[shape])
         rss = ", ".join(f"{x / 1024:.2f}" for x in r["worker_peak_rss_mb"])
-        rows.append(f"| {label} | {key.split(' ', 1)[1]} | {sizes[shape] / 1e9:.1f} GB | {rss} | "
+        rows.append(f"| {label} | {key.split(' ', 1)[1]} ({r.get('commit', '?')}) | {sizes[shape] / 1e9:.1f} GB | {rss} | "
                     f"{r['driver_peak_rss_mb'] / 1024:.2f} | {r['seconds']:.0f} | {reader:.3f} | {rchar:.3f} | {storage:.3f} |\n")
     ratio = None
-    if baseline:
+    if baseline and "1.1b" in shapes:
         ratio = runs["1.1b layer-major"]["seconds"] / runs[f"1.1b baseline {baseline}"]["seconds"]
     md = ("W8A8 SmoothQuant + KV int8, 2 workers (2 pipeline stages, one core each), 16 × 256 calibration "
           "tokens in 4 micro-batches. Bytes read ÷ model size, summed over the workers: by the checkpoint "
@@ -320,12 +331,14 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(SCALING_CONFIGS), help="scaling: recipes to run")
     ap.add_argument("--baseline", default=None, help="calibrated: also run the 1.1B case with the code at this git revision")
     ap.add_argument("--layers7b", type=int, default=None, help="calibrated: decoder layers of the 7B-shaped model (default 32)")
+    ap.add_argument("--shapes", nargs="+", choices=["7b", "1.1b"], default=["7b", "1.1b"],
+                    help="calibrated: which shapes to run; the other keeps its recorded figures")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     {"memory": lambda: bench_memory(args.work), "speedup": lambda: bench_speedup(args.work, args.layers),
      "compute": lambda: bench_compute(args.work),
      "scaling": lambda: bench_scaling(args.work, args.hidden or [1024, 2048], args.configs),
-     "calibrated": lambda: bench_calibrated(args.work, args.baseline, args.layers7b)}[args.what]()
+     "calibrated": lambda: bench_calibrated(args.work, args.baseline, args.layers7b, tuple(args.shapes))}[args.what]()
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ class Needs:
     sample_rows: int = 0  # per micro-batch and tap
 
 
-def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer: int, needs: Needs = Needs()):
-    """The float layer on one micro-batch: (output, statistics of every tap)."""
+def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer: int, needs: Needs = Needs(),
+                  linear=None):
+    """The float layer on one micro-batch: (output, statistics of every tap); ``linear`` (default: the
+    float linears of ``weights``) lets a caller supply the weights linear by linear."""
     stats: LayerStats = {}
 
     def tap(name: str, t: ms.Tensor) -> None:
@@ -36,7 +38,7 @@ def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer
         stats[name] = observe(a, f"layer {layer} {name}", hessian=needs.hessian and not kv,
                               sample_rows=0 if kv else needs.sample_rows)
 
-    return decoder_layer(weights, spec, x, rope.cos_sin, rope.mask, tap=tap), stats
+    return decoder_layer(weights, spec, x, rope.cos_sin, rope.mask, linear=linear, tap=tap), stats
 
 
 def batch_errors(x: ms.Tensor, y_float: ms.Tensor, y_quant: ms.Tensor) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 from dist_ptq.config import BackendTarget, PTQConfig
 from dist_ptq.export import commit, unified
 from dist_ptq.model.checkpoint import Checkpoint
-from dist_ptq.model.forward import configure_mindspore, decoder_layer
+from dist_ptq.model.forward import configure_mindspore, decoder_layer, float_linear
 from dist_ptq.model.layer_source import Rope
 from dist_ptq.model.safetensors_io import DTYPES, SafetensorsFile, bf16_bits_to_float32
 from dist_ptq.quant.fake import fake_kv, fake_linear, layer_weights_for
@@ -143,6 +143,19 @@ class StoredLayer(Mapping):
         return len(self._stored)
 
 
+def float_from_stored(stored: dict[str, tuple[np.ndarray, str]]):
+    """The float linears (y = x Wᵀ + b) with each weight converted from its stored form when called
+    and dropped after: one float32 linear at a time instead of the whole layer (0.8 GB at 7B)."""
+
+    def linear(name: str, x: ms.Tensor) -> ms.Tensor:
+        w = {name + ".weight": ms.Tensor.from_numpy(stored_to_float32(*stored[name + ".weight"]))}
+        if name + ".bias" in stored:
+            w[name + ".bias"] = ms.Tensor.from_numpy(stored_to_float32(*stored[name + ".bias"]))
+        return float_linear(w)(name, x)
+
+    return linear
+
+
 @dataclass
 class _Layer:
     """The layer in flight: as stored, its float32 MindSpore tensors while float passes need them,
@@ -154,6 +167,7 @@ class _Layer:
     t0: float
     ql: QuantizedLayer | None = None
     result: LayerResult | None = None
+    float_linear: object = None  # the float linears from ``stored``, when a measured pass needs them
     measure: tuple | None = None  # (weights, linear, kv) of the quantized forward
 
 
@@ -180,6 +194,7 @@ class StageWorker:
         self.inputs = HiddenStates(self.budget, "a")  # micro-batch → input of the layer in flight
         self.outputs = HiddenStates(self.budget, "b")  # micro-batch → its float (then handed-on) output
         self.layer: _Layer | None = None
+        self.linear_names = frozenset(m for i in stage.layers for m in self.spec.layer(i).linear_names)
         self._embed_written: dict | None = None  # the first stage's embedding shard, written while embedding
 
     def _count_read(self, name: str) -> None:
@@ -207,7 +222,10 @@ class StageWorker:
         t0 = time.time()
         prefix = self.spec.layer_prefix(layer)
         stored = {n[len(prefix):]: self.ckpt.get_stored(n) for n in sorted(self.spec.layer_shapes(layer))}
-        tensors = {n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in stored.items()}
+        # float32 MindSpore tensors only for what is not a linear weight (norms); the linears are converted
+        # when the forward calls them (float_from_stored), so the layer is never whole in float32
+        tensors = {n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in stored.items()
+                   if n.rsplit(".", 1)[0] not in self.linear_names}
         self.layer = _Layer(layer, stored, tensors, t0)
         return self.layer
 
@@ -238,8 +256,9 @@ class StageWorker:
     def observe(self, layer: int, batch: int) -> LayerStats:
         """Float pass of one micro-batch through ``layer`` (loaded on first use): its statistics;
         the float output is kept for the next layer (pipeline) or for measuring (sequential)."""
-        w = self._load(layer).tensors
-        y, stats = observe_batch(w, self.spec, self.rope, ms.Tensor(self.inputs.get(batch)), layer, self.needs)
+        cur = self._load(layer)
+        y, stats = observe_batch(cur.tensors, self.spec, self.rope, ms.Tensor(self.inputs.get(batch)), layer, self.needs,
+                                 linear=float_from_stored(cur.stored))
         self.outputs.put(batch, y.asnumpy())
         return stats
 
@@ -252,17 +271,19 @@ class StageWorker:
             if self.hand_on_quantized:  # the next layer calibrates on the committed layer's outputs
                 cur.ql = self._rebuild(layer)
         have_float = len(self.outputs) == len(self.inputs)  # every float output is known already
-        if have_float:  # the float32 copy goes before quantizing, which converts one tensor at a time
-            cur.tensors = {}
         if layer not in self.committed:
             cur.result, cur.ql = self._quantize_and_write(layer, merged, StoredLayer(cur.stored))
         if cur.ql is None:
             cur.stored = {}
             return
-        if have_float:  # the quantized pass needs the float tensors it does not replace (norms)
-            cur.tensors = {n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in cur.stored.items()
-                           if n.rsplit(".", 1)[0] not in cur.ql.linears}
-        cur.stored = {}
+        # the quantized pass reads the linears left unquantized (blacklist) as float, beside the norms
+        plain = self.linear_names - set(cur.ql.linears)
+        cur.tensors.update({n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in cur.stored.items()
+                            if n.rsplit(".", 1)[0] in plain})
+        if have_float:
+            cur.stored = {}
+        else:  # a committed layer in the sequential schedule: its float pass runs while measuring
+            cur.float_linear = float_from_stored(cur.stored)
         wq = layer_weights_for(cur.ql, cur.tensors)  # AWQ may have changed float tensors (norms)
         cur.measure = (wq, one_linear_at_a_time(cur.ql, wq), fake_kv(cur.ql, self.spec.num_kv_heads, self.spec.head_dim))
 
@@ -276,7 +297,7 @@ class StageWorker:
         if batch in self.outputs:
             yf = ms.Tensor(self.outputs.get(batch))
         else:  # a committed layer in the sequential schedule: no float pass ran
-            yf = decoder_layer(cur.tensors, self.spec, x, self.rope.cos_sin, self.rope.mask)
+            yf = decoder_layer(cur.tensors, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=cur.float_linear)
         wq, lin, kv = cur.measure
         yq = decoder_layer(wq, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=lin, kv=kv)
         errors = batch_errors(x, yf, yq)
