@@ -47,7 +47,9 @@ import numpy as np
 from dist_ptq.errors import CheckpointError, ConfigError, OutputError
 from dist_ptq.export import unified
 from dist_ptq.model.arch import COLUMN, ArchSpec, load_spec
+from dist_ptq.model.fingerprint import sha256_file
 from dist_ptq.model.safetensors_io import SafetensorsFile, write_safetensors
+from dist_ptq.model.side_files import COPIED
 from dist_ptq.quant.schemes import FORMATS, KV_TENSORS, Scheme, format_of, linear_scheme
 
 SHARD_MAP = "shard_map.json"
@@ -319,7 +321,7 @@ def manifest_problems(root: Path, skip: tuple[str, ...] = ()) -> list[str]:
         path = root / rel
         if not path.is_file():
             problems.append(f"{path}: listed in {unified.MANIFEST} but missing")
-        elif unified.sha256_file(path) != digest:
+        elif sha256_file(path) != digest:
             problems.append(f"{path}: sha256 does not match {unified.MANIFEST} (file changed or corrupted)")
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != unified.MANIFEST):
         rel = path.relative_to(root).as_posix()
@@ -420,7 +422,7 @@ def shard(quant_dir: Path | str, tp: int, overwrite: bool = False) -> Path:
             meta = {"format": "ms", **{n: "Int4" for n in sorted(int4)}}
             write_safetensors(rank_dir / RANK_FILE, tensors, metadata=meta, dtypes={n: src.dtype(n) for n in names})
             del tensors
-            for f in (*unified.COPIED, unified.DESCRIPTION):
+            for f in (*COPIED, unified.DESCRIPTION):
                 if (quant_dir / f).is_file():
                     shutil.copyfile(quant_dir / f, rank_dir / f)
         shard_map = {
@@ -524,7 +526,7 @@ def merge(tp_dir: Path | str, out_dir: Path | str, overwrite: bool = False) -> P
         write_safetensors(partial / f, {n: tensors[n][1] for n in names}, metadata=meta, dtypes={n: tensors[n][0] for n in names})
         weight_map.update({n: f for n in names})
     rank0 = tp_dir / "rank_0"
-    for f in unified.COPIED:
+    for f in COPIED:
         if (rank0 / f).is_file():
             shutil.copyfile(rank0 / f, partial / f)
     total = sum(int(t.nbytes) for _, t in tensors.values())

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from dist_ptq.errors import OutputError
-from dist_ptq.model.fingerprint import sha256_file  # also unified.sha256_file for export/tp
+from dist_ptq.model.fingerprint import sha256_file
 from dist_ptq.model.safetensors_io import SafetensorsFile, float32_to_bf16_bits, write_safetensors
-from dist_ptq.model.side_files import COPIED, copy_side_files  # COPIED: also unified.COPIED for export/tp
+from dist_ptq.model.side_files import copy_side_files
 
 MANIFEST = "MANIFEST.sha256"
 INDEX = "model.safetensors.index.json"
