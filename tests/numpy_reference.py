@@ -1,5 +1,6 @@
-"""An independent float64 numpy implementation of Llama / Qwen2 / Qwen3, written from the Hugging Face
-modeling code's semantics, used only to check the MindSpore forward."""
+"""An independent float64 numpy implementation of Llama / Qwen2 / Qwen3 and their MoE relatives
+(Qwen2-MoE, Qwen3-MoE, Mixtral), written from the Hugging Face modeling code's semantics, used only
+to check the MindSpore forward. MoE routing is done token by token, as a loop over Python lists."""
 
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def apply_rope(x, pos_freqs):
     return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
 
 
-def layer(w: dict, cfg: dict, x: np.ndarray, kv_out: list | None = None) -> np.ndarray:
-    """w: layer-local names -> float64 arrays; x: (B, S, H)."""
+def layer(w: dict, cfg: dict, x: np.ndarray, kv_out: list | None = None, routes: list | None = None) -> np.ndarray:
+    """w: layer-local names -> float64 arrays; x: (B, S, H). ``routes`` collects each token's
+    (experts, weights) on a MoE layer."""
     B, S, H = x.shape
     nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     d = cfg.get("head_dim") or H // nh
@@ -73,8 +75,53 @@ def layer(w: dict, cfg: dict, x: np.ndarray, kv_out: list | None = None) -> np.n
         out[:, :, head] = p @ v[:, g]
     x = x + lin("self_attn.o_proj", out.reshape(B, S, nh * d))
     h = rmsnorm(x, w["post_attention_layernorm.weight"], eps)
-    g = lin("mlp.gate_proj", h)
-    return x + lin("mlp.down_proj", g / (1 + np.exp(-g)) * lin("mlp.up_proj", h))
+    for block in ("mlp", "block_sparse_moe"):
+        if block + ".gate.weight" in w:
+            return x + sparse_block(w, cfg, h, block, routes)
+    return x + swiglu(lin, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", h)
+
+
+def silu(g):
+    return g / (1 + np.exp(-g))
+
+
+def swiglu(lin, gate, up, down, h):
+    return lin(down, silu(lin(gate, h)) * lin(up, h))
+
+
+def sparse_block(w: dict, cfg: dict, h: np.ndarray, block: str, routes: list | None) -> np.ndarray:
+    """HF Qwen2MoeSparseMoeBlock / Qwen3MoeSparseMoeBlock / MixtralSparseMoeBlock, one token at a time."""
+    mixtral = block == "block_sparse_moe"
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    k = cfg["num_experts_per_tok"]
+    renorm = True if mixtral else cfg.get("norm_topk_prob", False)
+
+    def lin(name, t):
+        return t @ w[name + ".weight"].T
+
+    B, S, H = h.shape
+    out = np.zeros_like(h)
+    for b in range(B):
+        for s in range(S):
+            t = h[b, s]
+            logits = w[block + ".gate.weight"] @ t
+            p = np.exp(logits - logits.max())
+            p = p / p.sum()
+            chosen = sorted(range(len(p)), key=lambda e: -p[e])[:k]
+            weights = [p[e] for e in chosen]
+            if renorm:
+                weights = [v / sum(weights) for v in weights]
+            if routes is not None:
+                routes.append((chosen, weights))
+            for e, v in zip(chosen, weights):
+                pre = f"{block}.experts.{e}."
+                out[b, s] += v * swiglu(lin, pre + names[0], pre + names[1], pre + names[2], t)
+            if block + ".shared_expert.gate_proj.weight" in w:
+                pre = block + ".shared_expert."
+                sh = swiglu(lin, pre + "gate_proj", pre + "up_proj", pre + "down_proj", t)
+                gate = 1 / (1 + np.exp(-(w[block + ".shared_expert_gate.weight"] @ t)))
+                out[b, s] += sh * gate
+    return out
 
 
 def model_logits(weights: dict, cfg: dict, ids: np.ndarray) -> np.ndarray:

@@ -77,7 +77,7 @@ class QuantizedSource:
         t = self.layer_tensors(i)
         floats, _, linear = self.layer_linears(i, t)
         kv = self.layer_kv(i, t.get("self_attn.k_scale"), t.get("self_attn.v_scale"))
-        return lambda x: decoder_layer(floats, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=linear, kv=kv)
+        return lambda x: decoder_layer(floats, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=linear, kv=kv, index=i)
 
     def logits(self, x):
         norm = to_tensor(self._get("model.norm.weight"))

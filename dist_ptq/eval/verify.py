@@ -403,7 +403,7 @@ class TPModel:
                   for n in ("self_attn.k_scale", "self_attn.v_scale")]
         kv = self.ref.layer_kv(i, *scales, num_kv_heads=spec.num_kv_heads)
         linear = self._tp_linear(layer, ranks)
-        return lambda x: decoder_layer(floats, spec, x, self.ref.rope.cos_sin, self.ref.rope.mask, linear=linear, kv=kv)
+        return lambda x: decoder_layer(floats, spec, x, self.ref.rope.cos_sin, self.ref.rope.mask, linear=linear, kv=kv, index=i)
 
     def _tp_linear(self, layer, ranks: list):
         """The collectives of tensor parallelism around each rank's linear (see the module docstring)."""

@@ -1,11 +1,14 @@
-"""Architecture specs read from a Hugging Face config.json: Llama, Qwen2, Qwen3.
+"""Architecture specs read from a Hugging Face config.json: Llama, Qwen2, Qwen3 and their
+mixture-of-experts relatives Qwen2-MoE, Qwen3-MoE and Mixtral.
 
 A spec lists tensors and the linears that share an input (q/k/v; gate/up), as the GPTQ reference's
-``llama.py`` does, instead of tracing a module graph.
+``llama.py`` does, instead of tracing a module graph. A MoE layer's experts are linears like any
+other, each expert's pair (gate, up) reading its own input: the tokens routed to it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -16,7 +19,8 @@ import numpy as np
 from dist_ptq.errors import CheckpointError, UnsupportedModelError
 
 # model_type -> (q/k/v bias, q_norm/k_norm)
-FAMILIES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
+FAMILIES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True),
+            "qwen2_moe": (True, False), "qwen3_moe": (False, True), "mixtral": (False, False)}
 
 COLUMN, ROW = "column", "row"  # tensor-parallel kinds: split on the output dim / on the input dim
 
@@ -39,8 +43,10 @@ class LayerSpec:
 
     shapes: dict[str, tuple[int, ...]]  # every tensor, layer-local names
     linears: tuple[LinearSpec, ...]
-    fold_into: dict[str, str]  # input group -> the producer AWQ's 1/s is folded into (a norm weight or a linear)
-    norms: tuple[str, ...]  # float tensors every tensor-parallel rank holds whole
+    fold_into: dict[str, str]  # input group -> the producer AWQ's 1/s is folded into (a norm weight or a linear);
+    # a group missing here stores 1/s as each reader's smooth_scale (experts: their input is a subset of a norm's)
+    norms: tuple[str, ...]  # float tensors every tensor-parallel rank holds whole (norms, routers)
+    moe: MoESpec | None = None  # the sparse MLP block, on a MoE layer
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -63,6 +69,57 @@ class LayerSpec:
         return oc, ic
 
 
+@dataclass(frozen=True)
+class MoESpec:
+    """The sparse MLP block of a MoE layer, in its Hugging Face names (layer-local).
+
+    Routing: ``softmax`` over every expert's logit, the ``top_k`` largest kept (renormalised to sum 1
+    when ``norm_topk_prob``; Mixtral always). A shared expert (Qwen2-MoE) sees every token, its output
+    times sigmoid(``shared_expert_gate``·x). The router and that gate are float tensors, never quantized."""
+
+    num_experts: int
+    top_k: int
+    expert_dim: int  # intermediate size of one expert
+    norm_topk_prob: bool
+    block: str = "mlp"  # 'mlp' (Qwen) or 'block_sparse_moe' (Mixtral)
+    expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
+    shared_dim: int = 0  # intermediate size of the shared expert; 0: none
+    shared_gate: bool = False
+
+    @property
+    def router(self) -> str:
+        return f"{self.block}.gate.weight"
+
+    def expert(self, e: int) -> tuple[str, str, str]:
+        """(gate, up, down) linear names of expert ``e``."""
+        return tuple(f"{self.block}.experts.{e}.{n}" for n in self.expert_linears)
+
+    @property
+    def shared(self) -> tuple[str, str, str] | None:
+        return tuple(f"{self.block}.shared_expert.{n}" for n in self.expert_linears) if self.shared_dim else None
+
+    @property
+    def shared_gate_name(self) -> str | None:
+        return f"{self.block}.shared_expert_gate.weight" if self.shared_gate else None
+
+    @property
+    def fused(self) -> tuple[str, str]:
+        """Where newer transformers store all experts at once: (E, 2·expert_dim, hidden) gate rows then
+        up rows, and (E, hidden, expert_dim)."""
+        return f"{self.block}.experts.gate_up_proj", f"{self.block}.experts.down_proj"
+
+
+def expert_groups(e: int) -> tuple[str, str]:
+    """The taps of expert ``e``: its input (routed tokens only) and its down_proj's input."""
+    return f"expert{e}_in", f"expert{e}_down_in"
+
+
+def expert_fallback_tap(e: int) -> str:
+    """Expert ``e``'s down_proj input over every token of a micro-batch, recorded only in micro-batches
+    where too few tokens were routed to it (quant/expert_stats.py)."""
+    return f"expert{e}_down_in_all"
+
+
 # The dense decoder layer of Llama / Qwen2 / Qwen3, linears grouped by the activation that feeds them
 # (as the GPTQ reference's llama.py lists them) instead of a traced module graph.
 _DENSE_LINEARS = (
@@ -76,6 +133,32 @@ _DENSE_LINEARS = (
 )
 _DENSE_FOLD_INTO = {"attn_in": "input_layernorm.weight", "o_in": "self_attn.v_proj",
                     "mlp_in": "post_attention_layernorm.weight", "down_in": "mlp.up_proj"}
+
+
+def _moe_mlp(moe: MoESpec, h: int) -> tuple[dict, tuple[LinearSpec, ...], dict, tuple[str, ...]]:
+    """(shapes, linears, fold_into, float tensors) of a sparse MLP block."""
+    f = moe.expert_dim
+    shapes: dict[str, tuple[int, ...]] = {moe.router: (moe.num_experts, h)}
+    linears, fold = [], {}
+    for e in range(moe.num_experts):
+        gate, up, down = moe.expert(e)
+        x_in, d_in = expert_groups(e)
+        shapes.update({gate + ".weight": (f, h), up + ".weight": (f, h), down + ".weight": (h, f)})
+        linears += [LinearSpec(gate, x_in, COLUMN, "channels"), LinearSpec(up, x_in, COLUMN, "channels"),
+                    LinearSpec(down, d_in, ROW, "channels")]
+        fold[d_in] = up
+    floats = (moe.router,)
+    if moe.shared:
+        gate, up, down = moe.shared
+        fs = moe.shared_dim
+        shapes.update({gate + ".weight": (fs, h), up + ".weight": (fs, h), down + ".weight": (h, fs)})
+        linears += [LinearSpec(gate, "mlp_in", COLUMN, "channels"), LinearSpec(up, "mlp_in", COLUMN, "channels"),
+                    LinearSpec(down, "shared_down_in", ROW, "channels")]
+        fold["shared_down_in"] = up
+    if moe.shared_gate_name:
+        shapes[moe.shared_gate_name] = (1, h)
+        floats += (moe.shared_gate_name,)
+    return shapes, tuple(linears), fold, floats
 
 
 @dataclass(frozen=True)
@@ -95,13 +178,23 @@ class ArchSpec:
     qkv_bias: bool
     qk_norm: bool
     torch_dtype: str
+    moe: MoESpec | None = None
+    moe_layers: frozenset[int] = frozenset()  # layers whose MLP is the sparse block; the others are dense
 
     # ---- tensor names and shapes -------------------------------------------------------------
     def layer_prefix(self, i: int) -> str:
         return f"model.layers.{i}."
 
+    @property
+    def uniform(self) -> bool:
+        """Every layer has the same shape (no MoE layers beside dense ones)."""
+        return len(self.moe_layers) in (0, self.num_layers)
+
     def layer(self, i: int) -> LayerSpec:
         """The shape of decoder layer ``i`` (layer-local names)."""
+        return _layer_spec(self, i)
+
+    def _build_layer(self, i: int) -> LayerSpec:
         h, d = self.hidden_size, self.head_dim
         q, kv, f = self.num_heads * d, self.num_kv_heads * d, self.intermediate_size
         local: dict[str, tuple[int, ...]] = {
@@ -111,17 +204,23 @@ class ArchSpec:
             "self_attn.k_proj.weight": (kv, h),
             "self_attn.v_proj.weight": (kv, h),
             "self_attn.o_proj.weight": (h, q),
-            "mlp.gate_proj.weight": (f, h),
-            "mlp.up_proj.weight": (f, h),
-            "mlp.down_proj.weight": (h, f),
         }
+        moe = self.moe if i in self.moe_layers else None
+        if moe is None:
+            local.update({"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)})
+            linears, fold, floats = _DENSE_LINEARS, _DENSE_FOLD_INTO, ()
+        else:
+            shapes, mlp, mlp_fold, floats = _moe_mlp(moe, h)
+            local.update(shapes)
+            linears = _DENSE_LINEARS[:4] + mlp
+            fold = {**{g: t for g, t in _DENSE_FOLD_INTO.items() if g in ("attn_in", "o_in")}, **mlp_fold}
         if self.qkv_bias:
             local.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
         norms = ("input_layernorm.weight", "post_attention_layernorm.weight")
         if self.qk_norm:
             local.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
             norms += ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
-        return LayerSpec(shapes=local, linears=_DENSE_LINEARS, fold_into=_DENSE_FOLD_INTO, norms=norms)
+        return LayerSpec(shapes=local, linears=linears, fold_into=fold, norms=norms + floats, moe=moe)
 
     def layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
         """Every tensor of decoder layer ``i``, full HF names, with its shape."""
@@ -179,6 +278,12 @@ class ArchSpec:
         return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=256)
+def _layer_spec(spec: ArchSpec, i: int) -> LayerSpec:
+    """Layer specs are asked for on every forward call; a MoE layer's has hundreds of linears."""
+    return spec._build_layer(i)
+
+
 def _need(cfg: dict, key: str, path: Path):
     if key not in cfg:
         raise CheckpointError(f"{path}: config.json lacks '{key}', which a {cfg.get('model_type')} model needs")
@@ -215,10 +320,12 @@ def spec_from_config(cfg: dict, path: Path | str = "config.json") -> ArchSpec:
             scaling = tuple(sorted((k, v) for k, v in scaling.items() if k not in ("rope_type", "type")))
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"{path}: hidden_act {cfg.get('hidden_act')!r} is not supported; expected 'silu'")
+    num_layers = int(_need(cfg, "num_hidden_layers", path))
+    moe, moe_layers = _moe_from_config(cfg, family, num_layers, path)
     return ArchSpec(
         family=family,
         hidden_size=hidden,
-        num_layers=int(_need(cfg, "num_hidden_layers", path)),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -231,7 +338,31 @@ def spec_from_config(cfg: dict, path: Path | str = "config.json") -> ArchSpec:
         qkv_bias=qkv_bias,
         qk_norm=qk_norm,
         torch_dtype=str(cfg.get("torch_dtype", "bfloat16")),
+        moe=moe,
+        moe_layers=moe_layers,
     )
+
+
+def _moe_from_config(cfg: dict, family: str, num_layers: int, path: Path) -> tuple[MoESpec | None, frozenset[int]]:
+    """The sparse block and which layers use it, from the keys each family's HF config class reads."""
+    if family == "mixtral":
+        moe = MoESpec(num_experts=int(_need(cfg, "num_local_experts", path)), top_k=int(_need(cfg, "num_experts_per_tok", path)),
+                      expert_dim=int(_need(cfg, "intermediate_size", path)), norm_topk_prob=True,
+                      block="block_sparse_moe", expert_linears=("w1", "w3", "w2"))
+        layers = frozenset(range(num_layers))
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        shared = int(cfg.get("shared_expert_intermediate_size", 0) or 0) if family == "qwen2_moe" else 0
+        moe = MoESpec(num_experts=int(_need(cfg, "num_experts", path)), top_k=int(_need(cfg, "num_experts_per_tok", path)),
+                      expert_dim=int(_need(cfg, "moe_intermediate_size", path)),
+                      norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), shared_dim=shared, shared_gate=shared > 0)
+        step = int(cfg.get("decoder_sparse_step", 1) or 1)
+        dense = set(cfg.get("mlp_only_layers") or [])
+        layers = frozenset(i for i in range(num_layers) if i not in dense and moe.num_experts > 0 and (i + 1) % step == 0)
+    else:
+        return None, frozenset()
+    if not 0 < moe.top_k <= moe.num_experts:
+        raise CheckpointError(f"{path}: num_experts_per_tok {moe.top_k} must be between 1 and the {moe.num_experts} experts")
+    return moe, layers
 
 
 def load_spec(model_dir: Path | str) -> ArchSpec:

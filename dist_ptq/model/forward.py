@@ -15,12 +15,14 @@ import numpy as np
 from mindspore import ops
 
 from dist_ptq.errors import ConfigError
-from dist_ptq.model.arch import ArchSpec
+from dist_ptq.model.arch import ArchSpec, MoESpec, expert_fallback_tap, expert_groups
+from dist_ptq.model.routing import route, tokens_of
 
 Tensor = ms.Tensor
 # (layer-local linear name like 'self_attn.q_proj', its input) -> its output
 LinearFn = Callable[[str, Tensor], Tensor]
-# (tap name, tensor): 'attn_in', 'o_in', 'mlp_in', 'down_in' (linear inputs), 'k', 'v' (B, kv_heads, S, d)
+# (tap name, tensor): 'attn_in', 'o_in', 'mlp_in', 'down_in' (linear inputs), 'k', 'v' (B, kv_heads, S, d);
+# on a MoE layer also 'expert{e}_in', 'expert{e}_down_in' (routed tokens only), 'shared_down_in'
 TapFn = Callable[[str, Tensor], None]
 # (k, v) as the cache would store them -> (k, v) as attention reads them back
 KVFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -109,8 +111,17 @@ def decoder_layer(
     linear: LinearFn | None = None,
     tap: TapFn | None = None,
     kv: KVFn | None = None,
+    index: int | None = None,
+    expert_floor: int = 0,
 ) -> Tensor:
-    """One decoder layer on hidden states x (B, S, H); ``weights`` use layer-local HF names."""
+    """One decoder layer on hidden states x (B, S, H); ``weights`` use layer-local HF names.
+
+    ``index`` names the layer, which a model whose layers differ (dense and MoE) needs.
+    ``expert_floor``: while tapping, an expert routed fewer tokens than this in the batch is also run
+    on every token, its down_proj input tapped as ``expert{e}_down_in_all`` (the fallback statistics)."""
+    if index is None and not spec.uniform:
+        raise ValueError("decoder_layer needs the layer index for a model whose layers differ (dense and MoE)")
+    layer = spec.layer(0 if index is None else index)
     linear = linear or float_linear(weights)
     b, s, _ = x.shape
     nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -147,10 +158,49 @@ def decoder_layer(
     h = rms_norm(x, weights["post_attention_layernorm.weight"], spec.rms_norm_eps)
     if tap:
         tap("mlp_in", h)
-    act = ops.silu(linear("mlp.gate_proj", h)) * linear("mlp.up_proj", h)
+    if layer.moe is not None:
+        return x + sparse_mlp(weights, layer.moe, h, linear, tap, expert_floor)
+    return x + swiglu(linear, ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), h, tap, "down_in")
+
+
+def swiglu(linear: LinearFn, names: tuple[str, str, str], h: Tensor, tap: TapFn | None, down_tap: str) -> Tensor:
+    """down(silu(gate(h)) · up(h))."""
+    gate, up, down = names
+    act = ops.silu(linear(gate, h)) * linear(up, h)
     if tap:
-        tap("down_in", act)
-    return x + linear("mlp.down_proj", act)
+        tap(down_tap, act)
+    return linear(down, act)
+
+
+def sparse_mlp(weights: dict[str, Tensor], moe: MoESpec, h: Tensor, linear: LinearFn, tap: TapFn | None,
+               expert_floor: int = 0) -> Tensor:
+    """The MoE block on h (B, S, H): each expert runs on the tokens routed to it only, and its output,
+    times the routing weight, is added into those tokens' rows (in expert order, as HF's loop does)."""
+    b, s, hid = h.shape
+    flat = h.reshape(b * s, hid)
+    experts, route_w = route(matmul_t(flat, weights[moe.router]).asnumpy(), moe)
+    out = np.zeros((b * s, hid), np.float32)
+    for e in range(moe.num_experts):
+        rows, slots = tokens_of(experts, e)
+        names = moe.expert(e)
+        if tap and rows.size < expert_floor:
+            act_all = ops.silu(linear(names[0], flat)) * linear(names[1], flat)
+            tap(expert_fallback_tap(e), act_all)
+        if rows.size == 0:
+            continue
+        xe = ops.gather(flat, Tensor(rows.astype(np.int32)), 0)
+        x_in, d_in = expert_groups(e)
+        if tap:
+            tap(x_in, xe)
+        ye = swiglu(linear, names, xe, tap, d_in).asnumpy()
+        out[rows] += route_w[rows, slots][:, None] * ye
+    y = Tensor(out).reshape(b, s, hid)
+    if moe.shared:
+        shared = swiglu(linear, moe.shared, h, tap, "shared_down_in")
+        if moe.shared_gate_name:
+            shared = shared * ops.sigmoid(matmul_t(h, weights[moe.shared_gate_name]))
+        y = y + shared
+    return y
 
 
 def embed(embed_weight: Tensor, ids: np.ndarray) -> Tensor:

@@ -52,7 +52,7 @@ class FloatSource:
 
     def layer(self, i: int) -> LayerFn:
         weights = {k: to_tensor(v) for k, v in self.ckpt.layer(i).items()}
-        return lambda x: decoder_layer(weights, self.spec, x, self.rope.cos_sin, self.rope.mask)
+        return lambda x: decoder_layer(weights, self.spec, x, self.rope.cos_sin, self.rope.mask, index=i)
 
     def logits(self, x: ms.Tensor) -> ms.Tensor:
         norm = to_tensor(self.ckpt.get("model.norm.weight"))

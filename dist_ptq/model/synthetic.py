@@ -21,7 +21,9 @@ def random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, n
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     if name.endswith(".bias"):
         return (0.02 * rng.standard_normal(shape)).astype(np.float32)
-    std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+    if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+        return (0.3 * rng.standard_normal(shape)).astype(np.float32)  # a router that prefers some experts
+    std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")) else 0.02
     return (std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
 
 
@@ -79,5 +81,18 @@ def tiny_config(family: str = "llama", **overrides) -> dict:
         "hidden_act": "silu",
         "torch_dtype": "bfloat16",
     }
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_moe_config(family: str = "qwen2_moe", **overrides) -> dict:
+    """A small MoE config of each supported family for tests: 8 experts, top-2."""
+    cfg = tiny_config({"qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}[family])
+    if family == "mixtral":
+        cfg.update(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)
+    else:
+        cfg.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=family == "qwen3_moe")
+    if family == "qwen2_moe":
+        cfg.update(shared_expert_intermediate_size=48)
     cfg.update(overrides)
     return cfg

@@ -110,15 +110,22 @@ def _apply_awq(index: int, w: ChainMap, groups: dict, stats: LayerStats | None, 
     changed, smooth = set(), {}
     readers = layer.input_groups
     for group, (s, _) in searched.items():
+        target = layer.fold_into.get(group)
+        if target is None or (not target.endswith(".weight")
+                              and w[target + ".weight"].shape[0] != w[readers[group][0] + ".weight"].shape[1]):
+            # no producer to fold into (an expert's input is a subset of the norm's output; GQA: v's rows
+            # are not o's inputs): each quantized reader takes W·diag(s) and stores 1/s as smooth_scale
+            for m in groups[group][0]:
+                w[m + ".weight"] = (w[m + ".weight"] * s[None, :]).astype(np.float32)
+                changed.add(m + ".weight")
+                smooth[m] = (1.0 / s).astype(np.float32)
+            continue
         for m in readers[group]:  # every reader of the input, quantized or not, keeps the function
             w[m + ".weight"] = (w[m + ".weight"] * s[None, :]).astype(np.float32)
             changed.add(m + ".weight")
-        target = layer.fold_into[group]
         if target.endswith(".weight"):
             w[target] = (w[target] / s).astype(np.float32)
             changed.add(target)
-        elif w[target + ".weight"].shape[0] != w[readers[group][0] + ".weight"].shape[1]:
-            smooth[readers[group][0]] = (1.0 / s).astype(np.float32)  # GQA: v's rows are not o's inputs
         else:
             for name, div in ((target + ".weight", s[:, None]), (target + ".bias", s)):
                 if name in w:

@@ -53,6 +53,7 @@ from dist_ptq.version import __version__
 
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
 SEARCH_TOKENS = 4096  # calibration tokens kept per linear input for AWQ and clip searches
+MIN_EXPERT_TOKENS = 32  # an expert routed fewer calibration tokens takes fallback statistics (quant/expert_stats.py)
 
 # Fault injection for tests only, never set by the library: on the first attempt, the last stage's
 # writer SIGKILLs its own process after committing this many layers (tests/test_resume.py).
@@ -76,14 +77,21 @@ def resolve_schedule(cfg: PTQConfig, schedule: Schedule | str) -> Schedule:
     return Schedule(schedule)
 
 
-def calibration_needs(cfg: PTQConfig, num_batches: int) -> Needs:
-    """What calibration must record for ``cfg``: Hessians for GPTQ, input samples for AWQ / OSL / clip search."""
+def calibration_needs(cfg: PTQConfig, num_batches: int, min_expert_tokens: int = 0) -> Needs:
+    """What calibration must record for ``cfg``: Hessians for GPTQ, input samples for AWQ / OSL / clip
+    search; on a MoE model, fallback statistics for experts routed fewer than ``min_expert_tokens``."""
     every = [cfg, *cfg.layer_policies.values()]
     hessian = any(c.precision_recovery is PrecisionRecovery.GPTQ for c in every)
     searching = (OutliersSuppressionType.AWQ, OutliersSuppressionType.OSL)
     search = any(c.outliers_suppression in searching or c.weight_clip for c in every)
     rows = -(-SEARCH_TOKENS // max(num_batches, 1)) if search else 0
-    return Needs(hessian=hessian, sample_rows=rows)
+    return Needs(hessian=hessian, sample_rows=rows, min_expert_tokens=min_expert_tokens)
+
+
+def _expert_floor(spec: ArchSpec, min_expert_tokens: int) -> int:
+    if min_expert_tokens < 1:
+        raise ConfigError(f"min_expert_tokens must be at least 1, got {min_expert_tokens}")
+    return min_expert_tokens if spec.moe is not None else 0
 
 
 def activation_budget(activation_memory: int | str | None, n_workers: int) -> int:
@@ -398,6 +406,7 @@ def quantize(
     pin_cpu: bool = True,
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     activation_memory: int | str | None = None,
+    min_expert_tokens: int = MIN_EXPERT_TOKENS,
 ) -> dict:
     """Quantize ``model_dir`` with ``config`` into ``out_dir``; returns the report (also report.json).
 
@@ -409,7 +418,9 @@ def quantize(
     one each); ``pin_cpu`` lets each CPU Ray actor pin itself to a core of its own (runtime/cpu_pin.py);
     ``placement_timeout_s`` is how long to wait for NPU actors to be placed. ``activation_memory``
     (bytes or a size such as "2GiB") bounds the calibration hidden states each worker keeps in memory;
-    beyond it they spill to local disk (runtime/activations.py). Default: :func:`activation_budget`."""
+    beyond it they spill to local disk (runtime/activations.py). Default: :func:`activation_budget`.
+    On a MoE model, an expert routed fewer than ``min_expert_tokens`` calibration tokens is calibrated
+    on every token instead (quant/expert_stats.py; report.json lists them)."""
     t_start = time.time()
     cfg = _load_config(config)
     model_dir, out_dir = Path(model_dir).absolute(), Path(out_dir).absolute()  # actors on other nodes resolve paths themselves
@@ -421,6 +432,9 @@ def quantize(
     stages = plan_stages(*tensor_bytes(spec, ITEMSIZE[model_dtype]), workers)
     fingerprint = model_fingerprint(model_dir)
     data = _calibration_input(sched, model_dir, spec, fingerprint, calib, stats, num_samples, seq_len, batch)
+    floor = _expert_floor(spec, min_expert_tokens)
+    if floor and data.batches:
+        data.record["min_expert_tokens"] = floor
     record = {
         "tool": "dist_ptq",
         "version": __version__,
@@ -432,7 +446,7 @@ def quantize(
     partial = unified.check_output_dir(out_dir, model_dir, overwrite, resume)
     settings = WorkerSettings(
         model_dir=str(model_dir), cfg=record["config"], partial=str(partial), seq_len=seq_len,
-        needs=calibration_needs(cfg, len(data.batches)), recipe=commit.start(partial, record, resume),
+        needs=calibration_needs(cfg, len(data.batches), floor), recipe=commit.start(partial, record, resume),
         device=device, threads=threads, pin_cpu=pin_cpu, activation_memory=act_bytes,
         hand_on_quantized=sched is Schedule.SEQUENTIAL,
     )
@@ -484,6 +498,7 @@ def calibrate(
     pin_cpu: bool = True,
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     activation_memory: int | str | None = None,
+    min_expert_tokens: int = MIN_EXPERT_TOKENS,
 ) -> Path:
     """Run the pipeline's calibration pass only and save the merged statistics (``quantize --stats``).
 
@@ -495,6 +510,7 @@ def calibrate(
     data = _samples(calib, model_dir, spec, num_samples, seq_len, batch)
     settings = WorkerSettings(model_dir=str(model_dir), cfg=PTQConfig().to_dict(), partial="", seq_len=seq_len,
                               device=device, threads=threads, pin_cpu=pin_cpu,
+                              needs=Needs(min_expert_tokens=_expert_floor(spec, min_expert_tokens)),
                               activation_memory=activation_budget(activation_memory, workers * replicas))
     pool = Workers(stages, replicas, lambda stage, r: (settings, False, {}), address, placement_timeout_s)
     bar = Progress(stages, "calibrating", enabled=progress, tokens_per_batch=batch * seq_len,

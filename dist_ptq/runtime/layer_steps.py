@@ -23,6 +23,7 @@ class Needs:
 
     hessian: bool = False
     sample_rows: int = 0  # per micro-batch and tap
+    min_expert_tokens: int = 0  # an expert routed fewer calibration tokens takes fallback statistics
 
 
 def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer: int, needs: Needs = Needs(),
@@ -38,7 +39,8 @@ def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer
         stats[name] = observe(a, f"layer {layer} {name}", hessian=needs.hessian and not kv,
                               sample_rows=0 if kv else needs.sample_rows)
 
-    return decoder_layer(weights, spec, x, rope.cos_sin, rope.mask, linear=linear, tap=tap), stats
+    return decoder_layer(weights, spec, x, rope.cos_sin, rope.mask, linear=linear, tap=tap, index=layer,
+                         expert_floor=needs.min_expert_tokens), stats
 
 
 def batch_errors(x: ms.Tensor, y_float: ms.Tensor, y_quant: ms.Tensor) -> np.ndarray:

@@ -30,6 +30,7 @@ from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.forward import configure_mindspore, decoder_layer, float_linear
 from dist_ptq.model.layer_source import Rope
 from dist_ptq.model.safetensors_io import DTYPES, SafetensorsFile, bf16_bits_to_float32
+from dist_ptq.quant.expert_stats import resolve_expert_stats
 from dist_ptq.quant.fake import fake_kv, fake_linear, layer_weights_for
 from dist_ptq.quant.layer import QuantizedLayer, quantize_layer
 from dist_ptq.quant.observers import LayerStats
@@ -297,9 +298,9 @@ class StageWorker:
         if batch in self.outputs:
             yf = ms.Tensor(self.outputs.get(batch))
         else:  # a committed layer in the sequential schedule: no float pass ran
-            yf = decoder_layer(cur.tensors, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=cur.float_linear)
+            yf = decoder_layer(cur.tensors, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=cur.float_linear, index=layer)
         wq, lin, kv = cur.measure
-        yq = decoder_layer(wq, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=lin, kv=kv)
+        yq = decoder_layer(wq, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=lin, kv=kv, index=layer)
         errors = batch_errors(x, yf, yq)
         if self.hand_on_quantized:
             self.outputs.put(batch, yq.asnumpy())
@@ -339,9 +340,10 @@ class StageWorker:
         """Quantize ``layer`` from its float ``weights``; the writer also writes its shard and commits
         it. Returns the result and the quantized layer (for measuring its error)."""
         prefix = self.spec.layer_prefix(layer)
+        stats, experts = resolve_expert_stats(stats, self.spec.layer(layer), self.needs.min_expert_tokens)
         ql = quantize_layer(layer, weights, stats, self.cfg, self.spec, self.model_dtype)
         tensors, mdt, int4, desc = deploy_tensors(ql, self.cfg.backend)
-        result = LayerResult(layer=layer, recovery=recovery_record(ql))
+        result = LayerResult(layer=layer, recovery=recovery_record(ql), experts=experts)
         if desc is not None:
             result.description = {prefix + n: t for n, t in desc.items()}
         if self.cfg.backend is BackendTarget.NONE:
