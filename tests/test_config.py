@@ -63,7 +63,7 @@ TABLE = [
     # row 3: opname_blacklist not a list of str
     pytest.param(dict(opname_blacklist="lm_head"), TypeError, "'opname_blacklist'", id="blacklist-str"),
     pytest.param(dict(opname_blacklist=["a", 1]), TypeError, "'opname_blacklist'", id="blacklist-int"),
-    pytest.param(dict(opname_blacklist=("a",)), TypeError, "'opname_blacklist'", id="blacklist-tuple"),
+    pytest.param(dict(opname_blacklist=("a", 1)), TypeError, "'opname_blacklist'", id="blacklist-tuple-int"),
     # row 4: act_quant_dtype not in [int8, None]
     pytest.param(dict(act_quant_dtype=ms.float16), ValueError, "'act_quant_dtype'", id="act-f16"),
     pytest.param(dict(act_quant_dtype=INT4), ValueError, "'act_quant_dtype'", id="act-int4"),
@@ -430,7 +430,8 @@ def test_yaml_bad_enum_value(tmp_path):
     assert msg == f"{tmp_path / 'bad.yaml'}: field 'mode': 'quantise' is not one of: quantize, deploy"
     load_error(tmp_path, "act_quant_granularity: per_channel\n", "'act_quant_granularity'",
                "per_tensor, per_token")
-    load_error(tmp_path, "outliers_suppression: 3\n", "'outliers_suppression'", "none, smooth, awq, osl")
+    load_error(tmp_path, "outliers_suppression: 3\n", "'outliers_suppression'",
+               "none, smooth, awq, osl, outlier-suppression+")
 
 
 def test_yaml_bad_dtype(tmp_path):
@@ -534,7 +535,36 @@ def test_osl_in_yaml_and_in_a_layer_policy(tmp_path):
 
 def test_osl_alias_is_the_same_member():
     assert OS.OUTLIER_SUPPRESSION_LITE is OS.OSL and OS("osl") is OS.OSL
-    assert list(OS) == [OS.NONE, OS.SMOOTH, OS.AWQ, OS.OSL]  # the alias adds no member
+    # the alias adds no member; OS+ is a member of its own (refused below)
+    assert list(OS) == [OS.NONE, OS.SMOOTH, OS.AWQ, OS.OSL, OS.OUTLIER_SUPPRESSION_PLUS]
+
+
+# ---- Golden Stick 1.4 spellings -----------------------------------------------------------------
+
+
+def test_tuple_blacklist_is_accepted_and_kept_as_a_list():
+    """mindspore_gs.ptq.PTQConfig checks opname_blacklist with list_value_check, which takes a tuple."""
+    cfg = PTQConfig(opname_blacklist=("lm_head", "layers.0."))
+    assert cfg.opname_blacklist == ["lm_head", "layers.0."]
+    assert cfg == PTQConfig(opname_blacklist=["lm_head", "layers.0."])
+    assert cfg.is_blacklisted("model.layers.0.mlp.up_proj") and not cfg.is_blacklisted("model.layers.1.mlp.up_proj")
+    assert PTQConfig.from_dict({"opname_blacklist": ("lm_head",)}).opname_blacklist == ["lm_head"]
+
+
+def test_golden_stick_osl_value_reads_as_osl(tmp_path):
+    path = tmp_path / "gs.yaml"
+    path.write_text("act_quant_dtype: int8\noutliers_suppression: outlier-suppression-lite\n", encoding="utf-8")
+    cfg = load_yaml(path)
+    assert cfg.outliers_suppression is OS.OSL
+    assert load_yaml(dump_yaml(cfg, tmp_path / "back.yaml")) == cfg  # written back as "osl"
+
+
+def test_outlier_suppression_plus_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match=r"^field 'outliers_suppression': OUTLIER_SUPPRESSION_PLUS .* not "
+                                         r"implemented; use OSL"):
+        PTQConfig(**W8A8, outliers_suppression=OS.OUTLIER_SUPPRESSION_PLUS)
+    load_error(tmp_path, "act_quant_dtype: int8\noutliers_suppression: outlier-suppression+\n",
+               "'outliers_suppression'", "OUTLIER_SUPPRESSION_PLUS", "not implemented")
 
 
 # ---- blacklist entries and policy patterns that match no layer -----------------------------------

@@ -128,6 +128,11 @@ _ENUM_FIELDS: dict[str, tuple[enum.Enum, ...]] = {
     "precision_recovery": (PrecisionRecovery.NONE, PrecisionRecovery.GPTQ),
     "weight_quant_granularity": (QuantGranularity.PER_CHANNEL, QuantGranularity.PER_GROUP),
 }
+_ENUM_ALIASES: dict[str, dict[str, enum.Enum]] = {
+    # Golden Stick 1.4 writes OSL by this value (OutliersSuppressionType.from_str)
+    "outliers_suppression": {"outlier-suppression-lite": OutliersSuppressionType.OSL},
+}
+"""YAML values read as another member's: the spellings of Golden Stick's own configs."""
 _DTYPE_FIELDS: dict[str, tuple[str, ...]] = {
     "weight_quant_dtype": ("int8", "int4"),
     "kvcache_quant_dtype": ("int8",),

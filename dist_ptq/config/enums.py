@@ -33,7 +33,11 @@ class OutliersSuppressionType(enum.Enum):
 
     OSL (Golden Stick's OutlierSuppressionLite) is SmoothQuant with alpha searched per input group on
     the quantized output error (``quant/osl.py``). ``OUTLIER_SUPPRESSION_LITE`` is Golden Stick's name
-    for the same member (an alias of OSL).
+    for the same member (an alias of OSL; YAML also takes Golden Stick's value ``outlier-suppression-lite``).
+
+    ``OUTLIER_SUPPRESSION_PLUS`` is Golden Stick's OS+ (a per-channel shift ``beta`` stored beside the
+    scale, ``mindspore_gs/ptq/ptq_config.py``): the name is known so that a Golden Stick config reads,
+    but PTQConfig refuses it, since no shift is computed or stored here.
     """
 
     NONE = "none"
@@ -41,6 +45,7 @@ class OutliersSuppressionType(enum.Enum):
     AWQ = "awq"
     OSL = "osl"
     OUTLIER_SUPPRESSION_LITE = "osl"  # alias: Golden Stick 1.x spells OSL this way
+    OUTLIER_SUPPRESSION_PLUS = "outlier-suppression+"  # Golden Stick's value; refused by PTQConfig
 
 
 class PrecisionRecovery(enum.Enum):

@@ -17,8 +17,8 @@ from mindspore import dtype as mstype
 
 from dist_ptq.config.algo_args import (_A, _ALGO_CLASSES, _ALGO_KEYS, _ENABLING_SETTING, AlgoArgs, GPTQQuantConfig,
                                        _algo_class_of, _algo_enabled)
-from dist_ptq.config.checks import (_DTYPE_BY_NAME, _DTYPE_FIELDS, _ENUM_FIELDS, _boolean, _check_dtype, _check_enum,
-                                    _dtype_yaml_name, _got, _integer, _same_dtype,
+from dist_ptq.config.checks import (_DTYPE_BY_NAME, _DTYPE_FIELDS, _ENUM_ALIASES, _ENUM_FIELDS, _boolean,
+                                    _check_dtype, _check_enum, _dtype_yaml_name, _got, _integer, _same_dtype,
                                     _show, _yaml_kind)
 from dist_ptq.config.enums import BackendTarget, OutliersSuppressionType, PrecisionRecovery, PTQMode, QuantGranularity
 from dist_ptq.errors import ConfigError
@@ -88,9 +88,10 @@ class PTQConfig:
         object.__setattr__(self, "layer_policies", policies)
 
     def _check_blacklist(self) -> None:
+        # a tuple too, as Golden Stick's list_value_check takes (mindspore_gs/common/utils.py)
         names = self.opname_blacklist
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"field 'opname_blacklist': expected a list of str, got {_got(names)}")
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"field 'opname_blacklist': expected a list or tuple of str, got {_got(names)}")
 
     def _check_consistency(self, group_size: int) -> None:
         """The seed's cross-field rows first, then the extensions' (all ValueError)."""
@@ -124,6 +125,9 @@ class PTQConfig:
             raise ValueError(f"field 'group_size': {group_size} must be 0 unless "
                              "weight_quant_granularity is PER_GROUP (then 64, 128 or 256)")
         suppression = self.outliers_suppression
+        if suppression is OutliersSuppressionType.OUTLIER_SUPPRESSION_PLUS:
+            raise ValueError("field 'outliers_suppression': OUTLIER_SUPPRESSION_PLUS (Golden Stick's OS+, a shift "
+                             "stored as beta) is not implemented; use OSL (OUTLIER_SUPPRESSION_LITE) or SMOOTH")
         if suppression in (OutliersSuppressionType.SMOOTH, OutliersSuppressionType.OSL) and act is None:
             raise ValueError(f"field 'outliers_suppression': {_show(suppression)} smooths activations "
                              "for W8A8 and needs act_quant_dtype int8, got None")
@@ -338,6 +342,8 @@ def _kwargs_from_mapping(data: Mapping, where: str) -> dict[str, Any]:
         if name in _ENUM_FIELDS:
             allowed = _ENUM_FIELDS[name]
             matches = [a for a in allowed if isinstance(value, str) and a.value == value]
+            alias = _ENUM_ALIASES.get(name, {}).get(value) if isinstance(value, str) else None
+            matches = matches or ([alias] if alias is not None else [])
             if not matches:
                 raise ConfigError(f"{where}field '{name}': {_show(value)} is not one of: "
                                   f"{', '.join(a.value for a in allowed)}")
@@ -349,7 +355,7 @@ def _kwargs_from_mapping(data: Mapping, where: str) -> dict[str, Any]:
                                   f"{', '.join(names)}, null")
             kwargs[name] = None if value is None else _DTYPE_BY_NAME[value]
         elif name == "opname_blacklist":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}field 'opname_blacklist': expected a list of strings, "
                                   f"got {_yaml_kind(value)}")
             kwargs[name] = list(value)
