@@ -27,6 +27,8 @@ from dist_ptq.errors import DistPTQError, OutputError
 from dist_ptq.eval.perplexity import forward_logprobs
 from dist_ptq.eval.quantized_source import QuantizedSource
 from dist_ptq.eval.run import open_source
+from dist_ptq.eval.verify import verify
+from dist_ptq.export import unified
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.fingerprint import model_fingerprint
 from dist_ptq.model.forward import configure_mindspore, decoder_layer, to_tensor
@@ -564,6 +566,46 @@ def test_group_size_not_dividing_the_model_is_refused_clearly(env):
     with pytest.raises(DistPTQError, match="group_size"):
         run_quantize(env, "small", ROOT / "configs" / "w4a16_rtn_g128.yaml", out)
     assert not out.exists() and not (out.parent / (out.name + ".partial")).exists()
+
+
+def test_split_parts_are_bounded_and_deterministic():
+    sizes = {"a": 5, "b": 5, "c": 12, "d": 1, "e": 4}
+    assert unified.split_parts(sizes, 10) == [["a", "b"], ["c"], ["d", "e"]]  # c alone: larger than the limit
+    assert unified.split_parts(dict(reversed(sizes.items())), 10) == unified.split_parts(sizes, 10)
+    assert unified.split_parts(sizes, 100) == [sorted(sizes)]
+    assert unified.part_name("quant-model-00002-of-00004.safetensors", 0) == "quant-model-00002-of-00004.safetensors"
+    assert unified.part_name("quant-model-00002-of-00004.safetensors", 2) == "quant-model-00002-of-00004.part002.safetensors"
+
+
+def test_shards_over_the_limit_are_written_in_parts_numbered_one_to_n(env, monkeypatch):
+    """SPEC §4: no shard over MAX_SHARD_BYTES of tensor data. With a limit of 8 KiB, every layer of the
+    tiny model and the final norm + lm_head shard are written in several files (the 12 KiB embedding
+    and lm_head alone in theirs); the tensors, description and quantized forward are those of the
+    whole-shard run, and the tensor-parallel split and verify read the parts."""
+    cfg = ROOT / "configs" / "w8a8_smoothquant_kv_int8.yaml"
+    whole, split = env["root"] / "out-shards-whole", env["root"] / "out-shards-split"
+    run_quantize(env, "small", cfg, whole)
+    limit = 8 << 10
+    monkeypatch.setattr(unified, "MAX_SHARD_BYTES", limit)
+    run_quantize(env, "small", cfg, split, tp=2)
+    shards = sorted(p.name for p in split.glob("*.safetensors"))
+    n = len(shards)
+    assert n > len(list(whole.glob("*.safetensors")))
+    assert shards == [unified.shard_name(i, n) for i in range(n)]
+    index = json.loads((split / unified.INDEX).read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    for shard in shards:
+        with SafetensorsFile(split / shard) as f:
+            sizes = [f.nbytes(t) for t in f.keys()]
+        assert sum(sizes) <= limit or len(sizes) == 1, (shard, sizes)
+    got, want = read_all(split), read_all(whole)
+    assert set(got) == set(want)
+    for name, (tag, a, _) in want.items():
+        assert got[name][0] == tag and got[name][1].tobytes() == a.tobytes(), name
+    assert (split / unified.DESCRIPTION).read_bytes() == (whole / unified.DESCRIPTION).read_bytes()
+    np.testing.assert_array_equal(logits_of(open_source(split, SEQ_LEN), EVAL_IDS),
+                                  logits_of(open_source(whole, SEQ_LEN), EVAL_IDS))
+    assert verify(split) == []
 
 
 # ------------------------------------------------------------------------------------ output safety

@@ -2,12 +2,19 @@
 
 Work goes to ``OUT.partial``; each shard is written atomically (temp file + rename), and the finished
 directory appears under its real name only after ``MANIFEST.sha256`` is written.
+
+Shards hold at most ``MAX_SHARD_BYTES`` of tensor data: a layer (or the embedding, or the final norm
+and lm_head) larger than that is written as several parts while the run goes on, and ``finish``
+numbers every file ``quant-model-0000i-of-0000N`` once N is known. One tensor larger than the limit
+gets a file of its own (as Hugging Face's ``max_shard_size`` does): no loader reads a tensor split
+across files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +36,28 @@ MAX_SHARD_BYTES = 4 << 30
 
 def shard_name(i: int, n: int) -> str:
     return f"quant-model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+_SHARD = re.compile(r"(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})(?:\.part(?P<part>\d{3}))?\.safetensors")
+
+
+def part_name(filename: str, k: int) -> str:
+    """The name of part ``k`` (k >= 1) of a shard written in several files; part 0 keeps ``filename``."""
+    return filename[: -len(".safetensors")] + f".part{k:03d}.safetensors" if k else filename
+
+
+def split_parts(nbytes: Mapping[str, int], limit: int) -> list[list[str]]:
+    """Names (sorted) in consecutive parts of at most ``limit`` bytes each; a tensor larger than
+    ``limit`` alone in its part. Deterministic: the same sizes give the same parts."""
+    parts: list[list[str]] = [[]]
+    used = 0
+    for name in sorted(nbytes):
+        if parts[-1] and used + nbytes[name] > limit:
+            parts.append([])
+            used = 0
+        parts[-1].append(name)
+        used += nbytes[name]
+    return parts
 
 
 def encode_model_dtype(a: np.ndarray, tag: str) -> tuple[np.ndarray, str]:
@@ -78,7 +107,10 @@ def write_shard(
     stored: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Write one shard; returns its part of the index (name → file). ``stored`` names tensors that
-    are already encoded (name → dtype tag), written byte for byte."""
+    are already encoded (name → dtype tag), written byte for byte.
+
+    Over ``MAX_SHARD_BYTES`` of tensor data the shard is written as parts (:func:`part_name`), the
+    later ones first, so that ``filename`` (what a layer commit records) exists only once all do."""
     arrays, tags = {}, dict(stored or {})
     for name, a in tensors.items():
         if name in tags:
@@ -87,10 +119,33 @@ def write_shard(
             arrays[name], tags[name] = encode_model_dtype(a, model_dtype)
         else:
             arrays[name] = np.ascontiguousarray(a)
-    meta = {"format": "ms"}
-    meta.update({n: "Int4" for n in sorted(int4_names)})
-    write_safetensors(partial / filename, arrays, metadata=meta, dtypes=tags)
-    return {n: filename for n in tensors}
+    parts = split_parts({n: a.nbytes for n, a in arrays.items()}, MAX_SHARD_BYTES)
+    out = {}
+    for k in reversed(range(len(parts))):
+        names, fname = parts[k], part_name(filename, k)
+        meta = {"format": "ms"}
+        meta.update({n: "Int4" for n in sorted(int4_names) if n in names})
+        write_safetensors(partial / fname, {n: arrays[n] for n in names}, metadata=meta,
+                          dtypes={n: tags[n] for n in names if n in tags})
+        out.update({n: fname for n in names})
+    return out
+
+
+def renumber_shards(partial: Path, weight_map: Mapping[str, str]) -> dict[str, str]:
+    """Rename the shards to ``<prefix>-0000i-of-0000N.safetensors`` in written order (a shard's parts
+    after it) when some shard was written in parts; returns the weight map with the final names.
+    Without parts every name is already final and nothing moves."""
+    parsed = {f: _SHARD.fullmatch(f) for f in set(weight_map.values())}
+    odd = sorted(f for f, m in parsed.items() if m is None)
+    if odd:
+        raise OutputError(f"{partial / odd[0]}: not a shard name written here; expected <prefix>-0000i-of-0000N.safetensors")
+    if not any(m["part"] for m in parsed.values()):
+        return dict(weight_map)
+    files = sorted(parsed, key=lambda f: (int(parsed[f]["i"]), int(parsed[f]["part"] or 0)))
+    new = {f: f"{parsed[f]['prefix']}-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
+    for old, name in new.items():  # every final name carries the new count, so none is an old name
+        os.replace(partial / old, partial / name)
+    return {n: new[f] for n, f in weight_map.items()}
 
 
 def finish(
@@ -105,6 +160,7 @@ def finish(
 ) -> None:
     """Copy the source's config and tokenizer, write index and records, manifest last, then rename."""
     copy_side_files(source, partial)
+    weight_map = renumber_shards(partial, weight_map)
     total = 0
     for f in sorted(set(weight_map.values())):
         with SafetensorsFile(partial / f) as st:
