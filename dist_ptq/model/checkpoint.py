@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from dataclasses import dataclass
+
 from dist_ptq.errors import CheckpointError
 from dist_ptq.model.arch import ArchSpec, load_spec
-from dist_ptq.model.safetensors_io import ModelFiles
+from dist_ptq.model.safetensors_io import ModelFiles, bf16_bits_to_float32
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+@dataclass(frozen=True)
+class FusedSlice:
+    """Where one expert's weight lives inside a fused 3-D experts tensor: ``tensor[expert, rows[0]:rows[1]]``."""
+
+    tensor: str
+    expert: int
+    rows: tuple[int, int]
+
+
+def fused_experts(spec: ArchSpec, present: set[str], shape_of, where: Path) -> dict[str, FusedSlice]:
+    """Per-expert HF names → their slice, for MoE layers stored the way newer transformers writes them
+    (``experts.gate_up_proj`` (E, 2f, h): gate rows then up rows; ``experts.down_proj`` (E, h, f));
+    layers stored one tensor per expert map nothing. A fused tensor of the wrong shape is refused here."""
+    out: dict[str, FusedSlice] = {}
+    if spec.moe is None:
+        return out
+    moe, h = spec.moe, spec.hidden_size
+    f, n = moe.expert_dim, moe.num_experts
+    for i in sorted(spec.moe_layers):
+        p = spec.layer_prefix(i)
+        gate_up, down = (p + t for t in moe.fused)
+        if gate_up not in present and down not in present:
+            continue
+        for t, want in ((gate_up, (n, 2 * f, h)), (down, (n, h, f))):
+            if t not in present:
+                raise CheckpointError(f"{where}: tensor {t} is missing; the layer stores its experts fused, which needs it")
+            if tuple(shape_of(t)) != want:
+                raise CheckpointError(f"{where}: tensor {t} has shape {list(shape_of(t))}; config.json implies {list(want)}")
+        for e in range(n):
+            g, u, d = moe.expert(e)
+            out[p + g + ".weight"] = FusedSlice(gate_up, e, (0, f))
+            out[p + u + ".weight"] = FusedSlice(gate_up, e, (f, 2 * f))
+            out[p + d + ".weight"] = FusedSlice(down, e, (0, h))
+    return out
 
 
 class Checkpoint:
@@ -21,11 +59,13 @@ class Checkpoint:
         self.dir = Path(model_dir)
         self.spec: ArchSpec = load_spec(self.dir)
         self.files = ModelFiles(self.dir)
+        self.on_read: Callable[[str], None] | None = None  # called with each tensor name read through get / get_stored
+        self.fused: dict[str, FusedSlice] = fused_experts(self.spec, set(self.files.keys()), self.files.shape, self.dir)
         self._check_names_and_shapes()
 
     def _check_names_and_shapes(self) -> None:
         expected = self.spec.all_shapes()
-        present = set(self.files.keys())
+        present = set(self.files.keys()) - {f.tensor for f in self.fused.values()} | set(self.fused)
         # HF checkpoints may carry rotary caches; anything else unknown is refused.
         present = {n for n in present if not n.endswith("rotary_emb.inv_freq")}
         if self.spec.tie_word_embeddings:
@@ -39,12 +79,12 @@ class Checkpoint:
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
             raise CheckpointError(f"{self.dir}: unexpected tensor {extra[0]}{more} for a {self.spec.family} model")
         for name, shape in expected.items():
-            got = tuple(self.files.shape(name))
+            got = self.shape(name)
             if got != tuple(shape):
                 raise CheckpointError(
                     f"{self._where(name)}: tensor {name} has shape {list(got)}; config.json implies {list(shape)}"
                 )
-            dtype = self.files.dtype(name)
+            dtype = self.dtype_of(name)
             if dtype not in FLOAT_DTYPES:
                 raise CheckpointError(
                     f"{self._where(name)}: tensor {name} has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
@@ -52,20 +92,38 @@ class Checkpoint:
 
     def _where(self, name: str) -> Path:
         """The file holding ``name``, with the model directory, for error messages."""
-        return self.dir / self.files.file_of(name)
+        return self.dir / self.files.file_of(self.fused[name].tensor if name in self.fused else name)
 
     def get(self, name: str) -> np.ndarray:
         """float32 copy of one tensor, refused if it holds NaN or Inf."""
+        if name in self.fused:
+            a, tag = self.get_stored(name)
+            return bf16_bits_to_float32(a) if tag == "BF16" else a.astype(np.float32)
+        if self.on_read is not None:
+            self.on_read(name)
         a = self.files.get_float32(name)
         self._refuse_nonfinite(name, a, "F32")
         return a
 
     def get_stored(self, name: str) -> tuple[np.ndarray, str]:
         """(the tensor as stored, its dtype tag), refused if it holds NaN or Inf: for copying a tensor
-        through unchanged without a float32 copy twice its size."""
-        a, tag = self.files.get_copy(name), self.files.dtype(name)
+        through unchanged without a float32 copy twice its size. An expert of a fused tensor is
+        sliced from its mapping, so reading one expert reads that expert's bytes only."""
+        if self.on_read is not None:
+            self.on_read(name)
+        if name in self.fused:
+            f = self.fused[name]
+            a, tag = np.array(self.files.get_raw(f.tensor)[f.expert, f.rows[0]:f.rows[1]]), self.files.dtype(f.tensor)
+        else:
+            a, tag = self.files.get_copy(name), self.files.dtype(name)
         self._refuse_nonfinite(name, a, tag)
         return a, tag
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.fused:
+            f = self.fused[name]
+            return (f.rows[1] - f.rows[0],) + tuple(self.files.shape(f.tensor)[2:])
+        return tuple(self.files.shape(name))
 
     def _refuse_nonfinite(self, name: str, a: np.ndarray, tag: str) -> None:
         bad = nonfinite_count(a, tag)
@@ -83,7 +141,7 @@ class Checkpoint:
         return LazyLayer(self, i)
 
     def dtype_of(self, name: str) -> str:
-        return self.files.dtype(name)
+        return self.files.dtype(self.fused[name].tensor if name in self.fused else name)
 
     def close(self) -> None:
         self.files.close()

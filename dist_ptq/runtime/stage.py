@@ -187,7 +187,7 @@ class StageWorker:
         self.ckpt = Checkpoint(settings.model_dir)
         self.spec = self.ckpt.spec
         self.reads: Counter[str] = Counter()
-        self.ckpt.files.on_read = self._count_read
+        self.ckpt.on_read = self._count_read
         self.model_dtype = self.ckpt.dtype_of(EMBED)
         self.rope = Rope(self.spec, settings.seq_len)
         self.n_shards = self.spec.num_layers + 2  # embedding, each layer, norm + lm_head
@@ -209,7 +209,7 @@ class StageWorker:
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        nbytes = sum(n * prod(self.ckpt.files.shape(t)) * np.dtype(DTYPES[self.ckpt.dtype_of(t)]).itemsize
+        nbytes = sum(n * prod(self.ckpt.shape(t)) * np.dtype(DTYPES[self.ckpt.dtype_of(t)]).itemsize
                      for t, n in self.reads.items())
         return {"node": node, "cpu_core": self.cpu, "tensors_read": sorted(self.reads),
                 "tensor_reads": sum(self.reads.values()), "bytes_read": int(nbytes),
