@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_ptq.config import PTQConfig
 from dist_ptq.errors import OutputError
+from dist_ptq.export.loaders import deploy_config
 from dist_ptq.model.fingerprint import sha256_file
 from dist_ptq.model.safetensors_io import SafetensorsFile, float32_to_bf16_bits, write_safetensors
 from dist_ptq.model.side_files import copy_side_files
@@ -158,8 +160,13 @@ def finish(
     report: dict,
     index_name: str = INDEX,
 ) -> None:
-    """Copy the source's config and tokenizer, write index and records, manifest last, then rename."""
+    """Copy the source's config and tokenizer, write index and records, manifest last, then rename.
+
+    A Golden-Stick directory (``description`` given) gets config.json with ``quantization`` and
+    ``quantization_config`` set, as the serving loaders read it (:func:`loaders.deploy_config`)."""
     copy_side_files(source, partial)
+    if description is not None and (partial / "config.json").is_file():
+        write_deploy_config(partial / "config.json", PTQConfig.from_dict(record["config"]), description)
     weight_map = renumber_shards(partial, weight_map)
     total = 0
     for f in sorted(set(weight_map.values())):
@@ -172,6 +179,18 @@ def finish(
     write_json_atomic(partial / REPORT, report)
     write_manifest(partial)
     replace_dir(partial, out)
+
+
+def write_deploy_config(path: Path, cfg: PTQConfig, description: Mapping[str, str]) -> None:
+    """Rewrite the copied config.json for the loaders; the source's keys keep their order and values."""
+    try:
+        source = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OutputError(f"{path}: the copied config.json is not readable JSON ({e}); expected the source's config") from None
+    text = json.dumps(deploy_config(source, cfg, description), indent=2, ensure_ascii=False) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def replace_dir(partial: Path, out: Path) -> None:

@@ -85,6 +85,9 @@ class Slot:
 BIAS = Slot("bias", MODEL, ("oc",), required=False, once=True)
 _W_INT8 = Slot("weight", "I8", ("oc", "ic"))
 _SCALE = Slot("weight_scale", "F32", ("oc",))
+# MindFormers' A8W8DynamicLinearMethod holds w_scale in the compute dtype (bf16 models) and Golden
+# Stick's DynamicQuantMatmul saves it so (docs/formats.md): stored in the model dtype
+_SCALE_DYNAMIC = Slot("weight_scale", MODEL, ("oc",))
 _SMOOTH = Slot("smooth_scale", "F32", ("ic",), required=False)
 _W_INT4 = Slot("weight", "I8", ("ic", "oc/2"))
 _GROUP_SCALE = Slot("weight_scale", "F32", ("ic/g", "oc"))
@@ -158,7 +161,7 @@ FORMATS: dict[Scheme, LinearFormat] = {
         _SCALE,
         BIAS,
     )),
-    Scheme.W8A8_DYNAMIC: LinearFormat(Scheme.W8A8_DYNAMIC, Act.DYNAMIC, (_W_INT8, _SCALE, _SMOOTH, BIAS)),
+    Scheme.W8A8_DYNAMIC: LinearFormat(Scheme.W8A8_DYNAMIC, Act.DYNAMIC, (_W_INT8, _SCALE_DYNAMIC, _SMOOTH, BIAS)),
     Scheme.W4A8_DYNAMIC: LinearFormat(Scheme.W4A8_DYNAMIC, Act.DYNAMIC, (_W_INT4, _GROUP_SCALE, _SMOOTH, BIAS)),
 }
 
