@@ -3,12 +3,15 @@
     python bench/accuracy.py [--max-tokens 32768] [--out bench/results/accuracy.md]
     python bench/accuracy.py --render bench/results/accuracy.json   # the table again from saved figures
     python bench/accuracy.py --models bundled "harder variant" ...  # a subset of the models
+    python bench/accuracy.py --models "tiny moe" --out bench/results/accuracy_moe.md \
+        --schemes w8a16_rtn w4a16_rtn_g128 w4a16_gptq_g128 w8a8_smoothquant w8a8_dynamic kv_int8
 
 Quantizes with each recipe in configs/ (calibration: the bundled calib.txt, 64 × 256 tokens), then
 evaluates on the held-out valid.txt through the reference quantized inference. Prints a Markdown table
 and writes it (plus JSON) under bench/results/. The models: the bundled one, its outlier variant (×32
 on 4 RMSNorm channels) and the harder variant (``outlier_variant.HARDER``: ×64/×32, also on the
-o_proj and down_proj inputs), all the same float function.
+o_proj and down_proj inputs), all the same float function; and the bundled MoE model
+(``dist_ptq/assets/tiny-moe``, Qwen2-MoE, 8 experts top-2 + a shared expert, trained the same way).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ SCHEMES = [
     "kv_int8_dynamic",
     "w8a8_smoothquant_kv_int8",
 ]
-MODELS = ("bundled", "outlier variant", "harder variant")
+MODELS = ("bundled", "outlier variant", "harder variant", "tiny moe")
 
 
 def main() -> int:
@@ -43,7 +46,7 @@ def main() -> int:
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "accuracy.md")
     ap.add_argument("--schemes", nargs="*", default=SCHEMES)
-    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--models", nargs="*", default=list(MODELS[:3]), choices=MODELS)
     ap.add_argument("--render", type=Path, help="print and write the table of a saved JSON instead of measuring")
     args = ap.parse_args()
     if args.render:
@@ -51,7 +54,7 @@ def main() -> int:
         write(saved["results"], saved["schemes"], saved["num_samples"], args.out)
         return 0
 
-    from dist_ptq.assets import TINY_LLAMA
+    from dist_ptq.assets import TINY_LLAMA, TINY_MOE
     from dist_ptq.eval.run import evaluate
     from dist_ptq.model.outlier_variant import HARDER, write_outlier_variant
     from dist_ptq.runtime.coordinator import quantize
@@ -62,7 +65,8 @@ def main() -> int:
         tmp = Path(tmp)
         make = {"bundled": lambda: TINY_LLAMA,
                 "outlier variant": lambda: write_outlier_variant(TINY_LLAMA, tmp / "outlier"),
-                "harder variant": lambda: write_outlier_variant(TINY_LLAMA, tmp / "harder", **HARDER)}
+                "harder variant": lambda: write_outlier_variant(TINY_LLAMA, tmp / "harder", **HARDER),
+                "tiny moe": lambda: TINY_MOE}
         for label in args.models:
             model = make[label]()
             base, n_tok = evaluate(model, valid, max_tokens=args.max_tokens)

@@ -5,6 +5,8 @@
     python bench/runner_bench.py compute  --work /tmp/dptq-bench     # calibration forward vs float32 GEMM rate
     python bench/runner_bench.py scaling  --work /tmp/dptq-bench     # time and memory vs layers and width
     python bench/runner_bench.py scaling  --hidden 2048 --configs w8a8_smoothquant_kv_int8   # calibrated only
+    python bench/runner_bench.py moe      --work /tmp/dptq-bench     # Qwen3-30B-A3B (4 layers) and DeepSeek-V3
+                                                                     # (1 dense + 1 MoE layer) shapes, W8A16 RTN vs cp
     python bench/runner_bench.py calibrated --work /tmp/dptq-bench --baseline 595a2fd
         # W8A8 SQ + KV int8, 2 workers, 16 x 256: 7B shape (memory, bytes read), 1.1B shape against the
         # code at --baseline (a git worktree, run in the same invocation)
@@ -108,14 +110,7 @@ def bench_memory(work: Path) -> None:
     m7 = ensure_model(work, "llama2-7b", "llama2-7b")
     out = work / "out-7b"
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run(["sync"])
-    t0 = time.time()
-    copy = work / "copy-7b"
-    shutil.rmtree(copy, ignore_errors=True)
-    subprocess.run(["cp", "-r", str(m7), str(copy)], check=True)
-    subprocess.run(["sync"])
-    cp_s = time.time() - t0
-    shutil.rmtree(copy)
+    cp_s = copy_seconds(m7, work)
     r = run_child(model=str(m7), config=str(ROOT / "configs/w8a16_rtn.yaml"), out=str(out), workers=2)
     shutil.rmtree(out, ignore_errors=True)
     m1 = ensure_model(work, "tinyllama-1.1b", "tinyllama-1.1b")
@@ -138,6 +133,52 @@ def bench_memory(work: Path) -> None:
         f"{r1['seconds']:.0f} | | |\n"
     )
     save("memory", data, md)
+
+
+MOE_SHAPES = {"qwen3-30b-a3b": ("qwen3_30b_a3b_shaped_config", 4), "deepseek-v3": ("deepseek_v3_shaped_config", 2)}
+
+
+def copy_seconds(model: Path, work: Path) -> float:
+    """``cp -r`` of the model directory, synced: the I/O floor a data-free run is measured against."""
+    copy = work / f"copy-{model.name}"
+    shutil.rmtree(copy, ignore_errors=True)
+    subprocess.run(["sync"])
+    t0 = time.time()
+    subprocess.run(["cp", "-r", str(model), str(copy)], check=True)
+    subprocess.run(["sync"])
+    secs = time.time() - t0
+    shutil.rmtree(copy)
+    return secs
+
+
+def bench_moe(work: Path, shapes: list[str]) -> None:
+    """W8A16 RTN (data-free: one expert's linear read at a time) on MoE-shaped synthetic checkpoints,
+    2 workers; each model is deleted after its run (the DeepSeek-V3 one is 25 GB)."""
+    import dist_ptq.model.synthetic as synth
+
+    path = RESULTS / "runner_moe.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    for shape in shapes:
+        fn, layers = MOE_SHAPES[shape]
+        d = work / f"{shape}-{layers}l"
+        if not (d / "config.json").is_file():
+            t0 = time.time()
+            synth.write_random_model(d, getattr(synth, fn)(layers=layers), seed=0, dtype="BF16", shard_bytes=2 << 30)
+            print(f"generated {d} in {time.time() - t0:.0f}s", flush=True)
+        cp_s = copy_seconds(d, work)
+        out = work / f"out-{shape}"
+        shutil.rmtree(out, ignore_errors=True)
+        r = run_child(model=str(d), config=str(ROOT / "configs/w8a16_rtn.yaml"), out=str(out), workers=2)
+        shutil.rmtree(out, ignore_errors=True)
+        data[shape] = {"layers": layers, "model_gb": model_bytes(d) / 1e9, "cp_seconds": cp_s, **r}
+        shutil.rmtree(d)
+    md = ("| model (synthetic, bf16) | size | worker peak RSS (GB) | driver peak RSS (GB) | wall (s) | `cp -r` (s) | wall / cp |\n"
+          "|---|---:|---|---:|---:|---:|---:|\n")
+    for shape, r in data.items():
+        md += (f"| {shape} shape, {r['layers']} layers, W8A16 RTN, 2 workers | {r['model_gb']:.1f} GB | "
+               f"{', '.join(f'{x / 1024:.2f}' for x in r['worker_peak_rss_mb'])} | {r['driver_peak_rss_mb'] / 1024:.2f} | "
+               f"{r['seconds']:.0f} | {r['cp_seconds']:.0f} | {r['seconds'] / r['cp_seconds']:.2f} |\n")
+    save("moe", data, md)
 
 
 def bench_speedup(work: Path, layers: int) -> None:
@@ -324,7 +365,7 @@ def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = No
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["memory", "speedup", "compute", "scaling", "calibrated"])
+    ap.add_argument("what", choices=["memory", "speedup", "compute", "scaling", "calibrated", "moe"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/dptq-bench"))
     ap.add_argument("--layers", type=int, default=8, help="decoder layers for the speed-up model")
     ap.add_argument("--hidden", type=int, action="append", help="scaling: widths to run (default 1024 and 2048)")
@@ -333,12 +374,15 @@ def main() -> None:
     ap.add_argument("--layers7b", type=int, default=None, help="calibrated: decoder layers of the 7B-shaped model (default 32)")
     ap.add_argument("--shapes", nargs="+", choices=["7b", "1.1b"], default=["7b", "1.1b"],
                     help="calibrated: which shapes to run; the other keeps its recorded figures")
+    ap.add_argument("--moe-shapes", nargs="+", choices=list(MOE_SHAPES), default=list(MOE_SHAPES),
+                    help="moe: which shapes to run; the others keep their recorded figures")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     {"memory": lambda: bench_memory(args.work), "speedup": lambda: bench_speedup(args.work, args.layers),
      "compute": lambda: bench_compute(args.work),
      "scaling": lambda: bench_scaling(args.work, args.hidden or [1024, 2048], args.configs),
-     "calibrated": lambda: bench_calibrated(args.work, args.baseline, args.layers7b, tuple(args.shapes))}[args.what]()
+     "calibrated": lambda: bench_calibrated(args.work, args.baseline, args.layers7b, tuple(args.shapes)),
+     "moe": lambda: bench_moe(args.work, args.moe_shapes)}[args.what]()
 
 
 if __name__ == "__main__":

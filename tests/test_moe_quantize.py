@@ -180,6 +180,30 @@ def test_fused_expert_tensors_give_the_same_output(env):
     assert {k for k in ma if ma[k] != mb.get(k)} <= {"dist_ptq.json"}  # it names the source's fingerprint
 
 
+def test_a_data_free_layer_is_written_in_parts_while_it_is_quantized(env, monkeypatch):
+    from dist_ptq.export import stream
+
+    whole, _ = run(env, "whole", CONFIGS / "w8a16_rtn.yaml")
+    written = []  # (part files on disk, tensors quantized so far) each time a part is written
+    real = stream.write_shard
+
+    def spy(partial, fname, tensors, *a):
+        written.append(fname)
+        return real(partial, fname, tensors, *a)
+
+    monkeypatch.setattr(stream, "PART_BYTES", 16 << 10)
+    monkeypatch.setattr(stream, "write_shard", spy)
+    parts, _ = run(env, "parts", CONFIGS / "w8a16_rtn.yaml")
+    layer1 = [f for f in written if "-00003-of-" in f]
+    assert len(layer1) > 3 and layer1[-1].endswith("-00003-of-00004.safetensors")  # the shard's own name last
+    assert len(list(parts.glob("*.safetensors"))) > len(list(whole.glob("*.safetensors")))
+    a, b = tensors_of(whole), tensors_of(parts)
+    assert set(a) == set(b) and all(np.array_equal(a[n], b[n]) for n in a)
+    index = json.loads((parts / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(b) and all((parts / f).is_file() for f in index.values())
+    assert verify(parts) == []
+
+
 def test_deploy_directory_describes_every_tensor_and_keeps_the_router_float(env):
     out, _ = run(env, "desc", CONFIGS / "w8a8_smoothquant_kv_int8.yaml")
     desc = json.loads((out / "quantization_description.json").read_text())

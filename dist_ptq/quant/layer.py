@@ -16,7 +16,8 @@ then GPTQ (Hessian diag(1/s) H diag(1/s) when smoothed) or RTN with the clip rat
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -34,6 +35,10 @@ from dist_ptq.quant.osl import osl_search
 from dist_ptq.quant.quantized import QuantizedLayer, QuantLinear, Recovery
 from dist_ptq.quant.schemes import FORMATS, MODEL, KVScheme, Scheme, kv_scheme, linear_scheme
 from dist_ptq.quant.smooth import smooth_scale
+
+# (tensor name, array, stored in the model dtype, packed int4) for each output tensor as it is made
+Sink = Callable[[str, np.ndarray, bool], None]
+_EMPTY = np.empty(0, np.float32)
 
 __all__ = ["QuantizedLayer", "QuantLinear", "Recovery", "check_group_size", "quantize_layer", "round_to_dtype"]
 
@@ -171,13 +176,18 @@ def quantize_layer(
     cfg: PTQConfig,
     spec: ArchSpec,
     model_dtype: str = "BF16",
+    sink: Sink | None = None,
 ) -> QuantizedLayer:
     """Apply ``cfg`` (with its blacklist and layer policies) to decoder layer ``index``.
 
     ``weights`` may read tensors on access (``Checkpoint.layer_lazy``): without calibration every
-    tensor is then looked up once and dropped once quantized, so one float linear is held at a time."""
+    tensor is then looked up once and dropped once quantized, so one float linear is held at a time.
+    ``sink`` takes each output tensor as soon as it is made instead of ``QuantizedLayer.tensors``
+    (a MoE layer's output can be larger than a worker's memory); the linears then keep their kind and
+    recovery record only, not their weights."""
     prefix, layer = spec.layer_prefix(index), spec.layer(index)
     out = QuantizedLayer(tensors={}, description={}, model_dtype=set())
+    put = sink or (lambda name, a, in_model_dtype, int4: out.tensors.__setitem__(name, a))
     quantized = set()
     groups = {g: _group_configs(index, prefix, members, cfg) for g, members in layer.input_groups.items()}
     for cfgs, _ in groups.values():
@@ -235,15 +245,15 @@ def quantize_layer(
             if m + ".bias" in weights:
                 bias = work[m + ".bias"]
                 lin.bias = round_to_dtype(bias, model_dtype) if m + ".bias" in changed else bias
+            if fmt.int4:
+                out.int4.add(m + ".weight")
             for suffix, arr in fmt.encode(lin).items():
                 name = m + "." + suffix
-                out.tensors[name] = arr
+                put(name, arr, fmt.slot(suffix).dtype == MODEL, name in out.int4)
                 out.description[name] = fmt.scheme
                 if fmt.slot(suffix).dtype == MODEL:
                     out.model_dtype.add(name)
-            if fmt.int4:
-                out.int4.add(m + ".weight")
-            out.linears[m] = lin
+            out.linears[m] = lin if sink is None else replace(lin, q=_EMPTY, scale=_EMPTY, bias=None)
             quantized.add(m)
             del w  # before the next linear is read: one float linear at a time
 
@@ -254,14 +264,15 @@ def quantize_layer(
         value = weights[name]
         if name in changed:
             value = out.float_overrides[name] = round_to_dtype(work[name], model_dtype)
-        out.tensors[name] = value
+        put(name, value, True, False)
         out.description[name] = Scheme.FLOAT
         out.model_dtype.add(name)
 
     out.kv = kv_scheme(cfg, prefix)
     if out.kv is KVScheme.C8:
         kv = static_kv_scales(_need(stats, "k", index).absmax, _need(stats, "v", index).absmax)
-        out.tensors.update(kv)
+        for name, a in kv.items():
+            put(name, a, False, False)
         out.description.update({n: KVScheme.C8 for n in kv})
     assert set(layer.linear_names) >= quantized
     return out

@@ -26,6 +26,7 @@ import numpy as np
 
 from dist_ptq.config import BackendTarget, PTQConfig
 from dist_ptq.export import commit, unified
+from dist_ptq.export.stream import StreamedShard
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.forward import configure_mindspore, decoder_layer, float_linear
 from dist_ptq.model.layer_source import Rope
@@ -330,18 +331,24 @@ class StageWorker:
                 results.append(self._resumed(i))
                 continue
             weights = self.ckpt.layer_lazy(i) if merged is None else self.ckpt.layer(i)
-            result, _ = self._quantize_and_write(i, None if merged is None else merged[i], weights)
+            result, _ = self._quantize_and_write(i, None if merged is None else merged[i], weights, stream=True)
             result.seconds = time.time() - t0
             results.append(result)
         return results
 
     # ---- shared ------------------------------------------------------------------------------
-    def _quantize_and_write(self, layer: int, stats: LayerStats | None, weights) -> tuple[LayerResult, QuantizedLayer]:
+    def _quantize_and_write(self, layer: int, stats: LayerStats | None, weights,
+                            stream: bool = False) -> tuple[LayerResult, QuantizedLayer]:
         """Quantize ``layer`` from its float ``weights``; the writer also writes its shard and commits
-        it. Returns the result and the quantized layer (for measuring its error)."""
+        it. Returns the result and the quantized layer (for measuring its error). ``stream``: nothing
+        measures the layer afterwards, so its tensors are written as they are made (export/stream.py)
+        rather than held until the layer is done, for the deploy format."""
         prefix = self.spec.layer_prefix(layer)
+        fname = shard_file(self.cfg.backend, layer + 1, self.n_shards)
         stats, experts = resolve_expert_stats(stats, self.spec.layer(layer), self.needs.min_expert_tokens)
-        ql = quantize_layer(layer, weights, stats, self.cfg, self.spec, self.model_dtype)
+        streamed = stream and self.writer and self.cfg.backend is BackendTarget.ASCEND
+        shard = StreamedShard(self.partial, fname, self.model_dtype, prefix) if streamed else None
+        ql = quantize_layer(layer, weights, stats, self.cfg, self.spec, self.model_dtype, sink=shard and shard.add)
         tensors, mdt, int4, desc = deploy_tensors(ql, self.cfg.backend)
         result = LayerResult(layer=layer, recovery=recovery_record(ql), experts=experts)
         if desc is not None:
@@ -350,8 +357,7 @@ class StageWorker:
             result.activation_params = activation_record(ql, prefix)
         if self.writer:
             full = {prefix + n: a for n, a in tensors.items()}
-            fname = shard_file(self.cfg.backend, layer + 1, self.n_shards)
-            result.weight_map = unified.write_shard(
+            result.weight_map = shard.close() if shard else unified.write_shard(
                 self.partial, fname, full, {prefix + n for n in mdt}, {prefix + n for n in int4}, self.model_dtype
             )
             commit.commit_layer(self.partial, layer, self.recipe, fname, result.to_commit(), layer_aux(ql))
