@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_ptq.errors import CalibrationError, ConfigError, DistPTQError
+from dist_ptq.quant.expert_stats import MIN_EXPERT_TOKENS
 from dist_ptq.runtime.ray_cluster import PLACEMENT_TIMEOUT_S
 from dist_ptq.runtime.schedule import CHOICES, Schedule
 
@@ -134,6 +135,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-memory", default=None, metavar="SIZE",
                    help="calibration hidden states each worker keeps in memory before spilling to local disk, "
                         "e.g. 2GiB (default: a quarter of the available memory over the workers)")
+    p.add_argument("--min-expert-tokens", type=int, default=MIN_EXPERT_TOKENS, metavar="N",
+                   help="MoE models: an expert routed fewer calibration tokens is calibrated on every token "
+                        f"instead (default {MIN_EXPERT_TOKENS}; report.json lists those experts)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -156,7 +160,8 @@ def _calibrate(args: argparse.Namespace, env: Environment) -> int:
         raise CalibrationError("calibrate needs calibration data: pass --calib FILE")
     out = calibrate(
         args.model_dir, args.out, args.calib, num_samples=args.num_samples, seq_len=args.seq_len, batch=args.batch,
-        overwrite=args.overwrite, activation_memory=args.activation_memory, **_runtime_args(args, env),
+        overwrite=args.overwrite, activation_memory=args.activation_memory,
+        min_expert_tokens=args.min_expert_tokens, **_runtime_args(args, env),
     )
     print(f"wrote statistics to {out}")
     return 0
@@ -170,7 +175,7 @@ def _quantize(args: argparse.Namespace, env: Environment) -> int:
         args.model_dir, args.config, args.out, calib=args.calib, num_samples=args.num_samples,
         seq_len=args.seq_len, schedule=args.schedule, batch=args.batch, stats=args.stats,
         overwrite=args.overwrite, resume=args.resume, tp=args.tp, activation_memory=args.activation_memory,
-        **_runtime_args(args, env),
+        min_expert_tokens=args.min_expert_tokens, **_runtime_args(args, env),
     )
     print_report(report)
     print(f"wrote {args.out}")

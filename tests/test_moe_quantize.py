@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import ray
 
-from dist_ptq.errors import CalibrationError, CheckpointError
+from dist_ptq.errors import CalibrationError, CheckpointError, ConfigError
 from dist_ptq.eval.verify import verify
 from dist_ptq.export import tp as tpx
 from dist_ptq.export.unified import MANIFEST
@@ -254,3 +254,15 @@ def test_a_fused_tensor_of_the_wrong_shape_is_refused(env, tmp_path):
     write_safetensors(fused / "model.safetensors", tensors, dtypes={n: "BF16" for n in tensors})
     with pytest.raises(CheckpointError, match=r"tensor model.layers.1.mlp.experts.down_proj has shape \[7, 64, 32\]"):
         Checkpoint(fused)
+
+
+def test_a_floor_below_one_is_refused_before_anything_is_written(env, tmp_path):
+    from dist_ptq.cli import main
+
+    _, model = env
+    with pytest.raises(ConfigError, match="min_expert_tokens must be at least 1, got 0"):
+        quantize(model, CONFIGS / "w8a8_static.yaml", tmp_path / "out", calib=env[0] / "calib.npy", min_expert_tokens=0,
+                 progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert main(["quantize", str(model), "-c", str(CONFIGS / "w8a16_rtn.yaml"), "-o", str(tmp_path / "o2"),
+                 "--min-expert-tokens", "0"]) != 0

@@ -17,6 +17,8 @@ from dist_ptq.errors import CalibrationError
 from dist_ptq.model.arch import LayerSpec, expert_fallback_tap, expert_groups
 from dist_ptq.quant.observers import LayerStats
 
+MIN_EXPERT_TOKENS = 32  # the default floor (quantize(min_expert_tokens=...), --min-expert-tokens)
+
 
 def resolve_expert_stats(stats: LayerStats | None, layer: LayerSpec, floor: int) -> tuple[LayerStats | None, dict]:
     """(the statistics quantization uses, the record for report.json: routed tokens per expert, and

@@ -39,6 +39,7 @@ from dist_ptq.export import tp as tp_export
 from dist_ptq.model.arch import ArchSpec
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.fingerprint import model_fingerprint, sha256_file
+from dist_ptq.quant.expert_stats import MIN_EXPERT_TOKENS
 from dist_ptq.quant.observers import LayerStats, merge_layer_stats
 from dist_ptq.runtime import stats_io
 from dist_ptq.runtime.activations import default_budget, parse_bytes
@@ -53,7 +54,6 @@ from dist_ptq.version import __version__
 
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
 SEARCH_TOKENS = 4096  # calibration tokens kept per linear input for AWQ and clip searches
-MIN_EXPERT_TOKENS = 32  # an expert routed fewer calibration tokens takes fallback statistics (quant/expert_stats.py)
 
 # Fault injection for tests only, never set by the library: on the first attempt, the last stage's
 # writer SIGKILLs its own process after committing this many layers (tests/test_resume.py).
@@ -429,10 +429,10 @@ def quantize(
     act_bytes = activation_budget(activation_memory, workers * replicas)
     spec, model_dtype = _read_source(model_dir)
     sched = _check_recipe(cfg, spec, schedule, tp, stats)
+    floor = _expert_floor(spec, min_expert_tokens)
     stages = plan_stages(*tensor_bytes(spec, ITEMSIZE[model_dtype]), workers)
     fingerprint = model_fingerprint(model_dir)
     data = _calibration_input(sched, model_dir, spec, fingerprint, calib, stats, num_samples, seq_len, batch)
-    floor = _expert_floor(spec, min_expert_tokens)
     if floor and data.batches:
         data.record["min_expert_tokens"] = floor
     record = {
