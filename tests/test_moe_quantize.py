@@ -266,3 +266,20 @@ def test_a_floor_below_one_is_refused_before_anything_is_written(env, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     assert main(["quantize", str(model), "-c", str(CONFIGS / "w8a16_rtn.yaml"), "-o", str(tmp_path / "o2"),
                  "--min-expert-tokens", "0"]) != 0
+
+
+def test_stages_are_planned_by_bytes_over_dense_and_moe_layers():
+    from dist_ptq.model.arch import spec_from_config
+    from dist_ptq.runtime.plan import plan_stages, tensor_bytes
+
+    spec = spec_from_config(tiny_moe_config("qwen2_moe", num_hidden_layers=7, mlp_only_layers=[0, 1, 2, 3],
+                                            intermediate_size=16))
+    per_layer, emb, head = tensor_bytes(spec, 2)
+    assert per_layer[6] > 1.5 * per_layer[0]  # the MoE layers are the big ones
+    cost = list(per_layer)
+    cost[0] += emb
+    cost[-1] += head
+    best = min(max(sum(cost[:k]), sum(cost[k:])) for k in range(1, 7))
+    stages = plan_stages(per_layer, emb, head, 2)
+    assert max(s.nbytes for s in stages) == best
+    assert len(stages[0].layers) > len(stages[1].layers)  # more of the small dense layers in one stage
