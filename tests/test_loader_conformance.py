@@ -368,6 +368,13 @@ def test_warning_names_what_no_loader_reads():
     assert "W4A16, W8A16" in loaders.loader_support_warning(load_yaml(ROOT / "configs" / "w4a16_g128_mixed.yaml"))
 
 
+def test_warn_loader_support_warns_once_or_not_at_all(recwarn):
+    assert loaders.warn_loader_support(load_yaml(ROOT / "configs" / "w8a8_static.yaml")) is None
+    assert len(recwarn) == 0
+    msg = loaders.warn_loader_support(load_yaml(ROOT / "configs" / "w4a16_rtn_g128.yaml"))
+    assert [str(w.message) for w in recwarn] == [msg] and recwarn[0].category is UserWarning
+
+
 # ---- the checks reject what a loader would not load ---------------------------------------------
 
 

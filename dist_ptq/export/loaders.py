@@ -19,6 +19,7 @@ Everything else we write (W8A16, W4A16, dense A8W4, smoothed dynamic, C8 / C8_DY
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -97,6 +98,14 @@ def loader_support_warning(cfg: PTQConfig) -> str | None:
     return (f"no serving loader reads this recipe's {', '.join(refused)} output ({reads}; neither reads KV-cache "
             f"scales, and MindFormers applies no smooth_scale to dynamic linears): it is for dist-ptq eval "
             f"and verify only, see docs/formats.md")
+
+
+def warn_loader_support(cfg: PTQConfig) -> str | None:
+    """Emit :func:`loader_support_warning` as one ``UserWarning`` (the recipe check at start); returns it."""
+    msg = loader_support_warning(cfg)
+    if msg is not None:
+        warnings.warn(msg, stacklevel=2)
+    return msg
 
 
 # ---- config.json -------------------------------------------------------------------------------
