@@ -15,14 +15,15 @@ import numpy as np
 from mindspore import ops
 
 from dist_ptq.errors import ConfigError
-from dist_ptq.model.arch import ArchSpec, MoESpec, expert_fallback_tap, expert_groups
+from dist_ptq.model.arch import ArchSpec, MLASpec, MoESpec, expert_fallback_tap, expert_groups
 from dist_ptq.model.routing import route, tokens_of
 
 Tensor = ms.Tensor
 # (layer-local linear name like 'self_attn.q_proj', its input) -> its output
 LinearFn = Callable[[str, Tensor], Tensor]
 # (tap name, tensor): 'attn_in', 'o_in', 'mlp_in', 'down_in' (linear inputs), 'k', 'v' (B, kv_heads, S, d);
-# on a MoE layer also 'expert{e}_in', 'expert{e}_down_in' (routed tokens only), 'shared_down_in'
+# on a MoE layer also 'expert{e}_in', 'expert{e}_down_in' (routed tokens only), 'shared_down_in';
+# on MLA attention 'attn_in', 'q_b_in' (with q_lora_rank), 'kv_b_in', 'o_in' and no 'k'/'v'
 TapFn = Callable[[str, Tensor], None]
 # (k, v) as the cache would store them -> (k, v) as attention reads them back
 KVFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -124,12 +125,32 @@ def decoder_layer(
     layer = spec.layer(0 if index is None else index)
     linear = linear or float_linear(weights)
     b, s, _ = x.shape
-    nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     cos, sin = rope[0][:s], rope[1][:s]
 
     h = rms_norm(x, weights["input_layernorm.weight"], spec.rms_norm_eps)
     if tap:
         tap("attn_in", h)
+    if spec.mla is not None:
+        if kv is not None:
+            raise ConfigError("KV-cache quantization of MLA attention is not supported; expected kv=None")
+        x = x + mla_attention(weights, spec.mla, spec.num_heads, h, (cos, sin), mask[:s, :s], linear, tap)
+    else:
+        x = x + attention(weights, spec, h, (cos, sin), mask[:s, :s], linear, tap, kv)
+
+    h = rms_norm(x, weights["post_attention_layernorm.weight"], spec.rms_norm_eps)
+    if tap:
+        tap("mlp_in", h)
+    if layer.moe is not None:
+        return x + sparse_mlp(weights, layer.moe, h, linear, tap, expert_floor)
+    return x + swiglu(linear, ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), h, tap, "down_in")
+
+
+def attention(weights: dict[str, Tensor], spec: ArchSpec, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
+              linear: LinearFn, tap: TapFn | None, kv: KVFn | None) -> Tensor:
+    """Grouped-query attention of Llama / Qwen on the normed input h (B, S, H): o_proj's output."""
+    b, s, _ = h.shape
+    nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    cos, sin = rope
     q = linear("self_attn.q_proj", h).reshape(b, s, nh, d)
     k = linear("self_attn.k_proj", h).reshape(b, s, nkv, d)
     v = linear("self_attn.v_proj", h).reshape(b, s, nkv, d)
@@ -148,19 +169,57 @@ def decoder_layer(
     if rep > 1:
         k = ops.broadcast_to(k.reshape(b, nkv, 1, s, d), (b, nkv, rep, s, d)).reshape(b, nh, s, d)
         v = ops.broadcast_to(v.reshape(b, nkv, 1, s, d), (b, nkv, rep, s, d)).reshape(b, nh, s, d)
-    scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / float(np.sqrt(d))) + mask[:s, :s]
+    scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / float(np.sqrt(d))) + mask
     attn = ops.matmul(ops.softmax(scores, -1), v)
     attn = ops.transpose(attn, (0, 2, 1, 3)).reshape(b, s, nh * d)
     if tap:
         tap("o_in", attn)
-    x = x + linear("self_attn.o_proj", attn)
+    return linear("self_attn.o_proj", attn)
 
-    h = rms_norm(x, weights["post_attention_layernorm.weight"], spec.rms_norm_eps)
+
+def deinterleave(x: Tensor) -> Tensor:
+    """Channels (x0, x1, x2, x3, ...) → (x0, x2, ..., x1, x3, ...), as HF's apply_rotary_pos_emb_interleave
+    does before rotate_half: rotating pairs (2i, 2i+1) the way DeepSeek's weights expect."""
+    *lead, d = x.shape
+    return ops.transpose(x.reshape(*lead, d // 2, 2), tuple(range(len(lead))) + (len(lead) + 1, len(lead))).reshape(*lead, d)
+
+
+def mla_attention(weights: dict[str, Tensor], mla: MLASpec, nh: int, h: Tensor, rope: tuple[Tensor, Tensor],
+                  mask: Tensor, linear: LinearFn, tap: TapFn | None) -> Tensor:
+    """DeepSeek-V3 multi-head latent attention on the normed input h (B, S, H), as HF's
+    DeepseekV3Attention (eager): o_proj's output."""
+    b, s, _ = h.shape
+    dn, dr, dv, r = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim, mla.kv_lora_rank
+    cos, sin = rope
+    eps = mla.norm_eps
+    if mla.q_lora_rank:
+        qa = rms_norm(linear("self_attn.q_a_proj", h), weights["self_attn.q_a_layernorm.weight"], eps)
+        if tap:
+            tap("q_b_in", qa)
+        q = linear("self_attn.q_b_proj", qa)
+    else:
+        q = linear("self_attn.q_proj", h)
+    q = ops.transpose(q.reshape(b, s, nh, dn + dr), (0, 2, 1, 3))
+    q_pass, q_rot = q[..., :dn], q[..., dn:]
+    ckv = linear("self_attn.kv_a_proj_with_mqa", h)
+    latent = rms_norm(ckv[..., :r], weights["self_attn.kv_a_layernorm.weight"], eps)
+    k_rot = ckv[..., r:].reshape(b, 1, s, dr)
     if tap:
-        tap("mlp_in", h)
-    if layer.moe is not None:
-        return x + sparse_mlp(weights, layer.moe, h, linear, tap, expert_floor)
-    return x + swiglu(linear, ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), h, tap, "down_in")
+        tap("kv_b_in", latent)
+    kv = ops.transpose(linear("self_attn.kv_b_proj", latent).reshape(b, s, nh, dn + dv), (0, 2, 1, 3))
+    k_pass, v = kv[..., :dn], kv[..., dn:]
+    if mla.rope_interleave:
+        q_rot, k_rot = deinterleave(q_rot), deinterleave(k_rot)
+    q_rot = q_rot * cos + rotate_half(q_rot) * sin
+    k_rot = ops.broadcast_to(k_rot * cos + rotate_half(k_rot) * sin, (b, nh, s, dr))
+    q = ops.concat((q_pass, q_rot), -1)
+    k = ops.concat((k_pass, k_rot), -1)
+    scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * mla.softmax_scale + mask
+    attn = ops.matmul(ops.softmax(scores, -1), v)
+    attn = ops.transpose(attn, (0, 2, 1, 3)).reshape(b, s, nh * dv)
+    if tap:
+        tap("o_in", attn)
+    return linear("self_attn.o_proj", attn)
 
 
 def swiglu(linear: LinearFn, names: tuple[str, str, str], h: Tensor, tap: TapFn | None, down_tap: str) -> Tensor:
@@ -178,7 +237,8 @@ def sparse_mlp(weights: dict[str, Tensor], moe: MoESpec, h: Tensor, linear: Line
     times the routing weight, is added into those tokens' rows (in expert order, as HF's loop does)."""
     b, s, hid = h.shape
     flat = h.reshape(b * s, hid)
-    experts, route_w = route(matmul_t(flat, weights[moe.router]).asnumpy(), moe)
+    bias = weights[moe.correction_bias_name].asnumpy() if moe.correction_bias_name else None
+    experts, route_w = route(matmul_t(flat, weights[moe.router]).asnumpy(), moe, bias)
     out = np.zeros((b * s, hid), np.float32)
     for e in range(moe.num_experts):
         rows, slots = tokens_of(experts, e)
