@@ -228,13 +228,15 @@ def quantize_layer(
             if m in act and s is not None:
                 w, x_div = w * s[None, :], s
             ws, q, rec = _quantize_weight(w, c, stats, group, x_div, index, prefix + m)
+            fmt = FORMATS[linear_scheme(c)]
+            if getattr(fmt.slot("weight_scale"), "dtype", None) == MODEL:  # as deployed, so the measured error is the deployed one
+                ws = round_to_dtype(ws, model_dtype)
             if group in awq:
                 rec.awq_alpha = awq[group][1]
             if m in act and act_ratio is not None:
                 rec.act_clip_ratio = act_ratio
             if m in act and osl is not None:
                 rec.osl_alpha, rec.osl_error, rec.osl_unsmoothed_error = osl.alpha, osl.error, osl.unsmoothed_error
-            fmt = FORMATS[linear_scheme(c)]
             lin = QuantLinear(kind=fmt.scheme, q=q, scale=ws, recovery=rec)
             if m in act and static:
                 lin.x_scale, lin.x_offset, lin.input_scale = float(x_scale), x_offset, input_scale

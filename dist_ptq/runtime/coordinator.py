@@ -36,6 +36,7 @@ from dist_ptq.config import OutliersSuppressionType, PrecisionRecovery, PTQConfi
 from dist_ptq.errors import CalibrationError, ConfigError
 from dist_ptq.export import commit, unified
 from dist_ptq.export import tp as tp_export
+from dist_ptq.export.loaders import warn_loader_support
 from dist_ptq.model.arch import ArchSpec
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.fingerprint import model_fingerprint, sha256_file
@@ -289,6 +290,7 @@ def _check_recipe(cfg: PTQConfig, spec: ArchSpec, schedule: Schedule | str, tp: 
     """Everything that can be refused before reading a weight: schedule, TP split, group sizes, --stats."""
     sched = resolve_schedule(cfg, schedule)
     warn_unmatched(cfg, spec.module_names())
+    warn_loader_support(cfg)
     if tp is not None:
         tp_export.check_config(spec, cfg, tp)
     check_group_sizes(spec, cfg)

@@ -371,15 +371,17 @@ class StageWorker:
         return LayerResult.from_commit(self.committed[layer]["row"])
 
     def _rebuild(self, layer: int):
-        """The committed layer's fake-quant view, read back from its shard."""
+        """The committed layer's fake-quant view, read back from its shard (every part of it)."""
         rec = self.committed[layer]
         prefix = self.spec.layer_prefix(layer)
         desc = {n[len(prefix):]: t for n, t in rec["row"]["description"].items()}
-        with SafetensorsFile(self.partial / rec["shard"]) as f:
-            tensors = {
-                n[len(prefix):]: f.get_float32(n) if f.dtype(n) in ("BF16", "F16", "F32") else np.array(f.get(n))
-                for n in f.keys()
-            }
+        tensors = {}
+        for fname in sorted(set(rec["row"]["weight_map"].values()) or {rec["shard"]}):
+            with SafetensorsFile(self.partial / fname) as f:
+                tensors.update({
+                    n[len(prefix):]: f.get_float32(n) if f.dtype(n) in ("BF16", "F16", "F32") else np.array(f.get(n))
+                    for n in f.keys()
+                })
         return rebuild_layer(tensors, desc, rec["aux"])
 
     def write_globals(self) -> dict:
