@@ -9,11 +9,13 @@ import pytest
 
 from dist_ptq.errors import CheckpointError, ConfigError, UnsupportedModelError
 from dist_ptq.eval.run import evaluate
+from dist_ptq.eval.verify import verify
 from dist_ptq.model.arch import REPLICATED, check_kv_cache, check_tensor_parallel, expert_groups, spec_from_config
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.forward import configure_mindspore, decoder_layer, float_linear, mla_attention, to_tensor
 from dist_ptq.model.layer_source import FloatSource, Rope
 from dist_ptq.model.routing import grouped_topk, route
+from dist_ptq.model.safetensors_io import SafetensorsFile, write_safetensors
 from dist_ptq.model.synthetic import (deepseek_v3_shaped_config, qwen3_30b_a3b_shaped_config, tiny_config,
                                       tiny_deepseek_config, write_random_model)
 from dist_ptq.runtime.coordinator import quantize
@@ -249,3 +251,38 @@ def test_quantize_end_to_end_and_evaluate(e2e_model, recipe, tmp_path):
     ppl, tokens = evaluate(out, ASSETS / "valid.txt", seq_len=64, max_tokens=512)
     float_ppl, _ = evaluate(e2e_model, ASSETS / "valid.txt", seq_len=64, max_tokens=512)
     assert tokens > 0 and abs(ppl / float_ppl - 1) < 0.05  # random weights: near-uniform, so close to the float model
+    # the router bias keeps float32 (its bf16 rounding could change which experts win); verify agrees
+    idx = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    bias = p + "mlp.gate.e_score_correction_bias"
+    with SafetensorsFile(out / idx[bias]) as f:
+        assert f.dtype(bias) == "F32"
+    assert verify(out) == []
+
+
+def test_kv_int8_and_tp_are_refused_at_the_recipe_check(e2e_model, tmp_path):
+    with pytest.raises(ConfigError, match=r"KV-cache quantization of a deepseek_v3 model"):
+        quantize(e2e_model, CONFIGS / "kv_int8.yaml", tmp_path / "kv", calib=ASSETS / "calib.txt", progress=False)
+    with pytest.raises(ConfigError, match=r"--tp 2: model\.layers\.0\.self_attn\.q_a_proj .* is replicated"):
+        quantize(e2e_model, CONFIGS / "w8a16_rtn.yaml", tmp_path / "tp", tp=2, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_multi_token_prediction_layers_are_skipped(e2e_model, tmp_path):
+    """DeepSeek-V3 checkpoints carry the MTP module as layer num_hidden_layers; nothing here reads it."""
+    model = tmp_path / "with-mtp"
+    shutil.copytree(e2e_model, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (model / "config.json").write_text(json.dumps(cfg))
+    with SafetensorsFile(model / "model.safetensors") as f:
+        tensors = {n: np.array(f.get(n)) for n in f.keys()}
+    tensors["model.layers.2.eh_proj.weight"] = np.zeros((4, 4), np.uint16)
+    write_safetensors(model / "model.safetensors", tensors, dtypes={n: "BF16" for n in tensors})
+    out = tmp_path / "out"
+    quantize(model, CONFIGS / "w8a16_rtn.yaml", out, progress=False)
+    idx = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any(n.startswith("model.layers.2.") for n in idx)
+    cfg["num_nextn_predict_layers"] = 0  # without the key the extra layer is an unexpected tensor
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.2.eh_proj.weight"):
+        Checkpoint(model)

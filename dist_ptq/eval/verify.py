@@ -159,7 +159,7 @@ def expected_tensors(spec: ArchSpec, description: dict[str, str], model_dtype: s
         linear_names = {m + s for m in layer.linear_names for s in (".weight", ".bias")}
         for name, shape in layer.shapes.items():
             if name not in linear_names:
-                exp[prefix + name] = Expect(Scheme.FLOAT, md, shape, True)
+                exp[prefix + name] = Expect(Scheme.FLOAT, "F32" if name in layer.float32 else md, shape, True)
         for m in layer.linear_names:
             p = prefix + m
             oc, ic = layer.dims(m)

@@ -46,7 +46,7 @@ import numpy as np
 
 from dist_ptq.errors import CheckpointError, ConfigError, OutputError
 from dist_ptq.export import unified
-from dist_ptq.model.arch import COLUMN, ArchSpec, load_spec
+from dist_ptq.model.arch import COLUMN, ArchSpec, check_tensor_parallel, load_spec
 from dist_ptq.model.fingerprint import sha256_file
 from dist_ptq.model.safetensors_io import SafetensorsFile, write_safetensors
 from dist_ptq.model.side_files import COPIED
@@ -286,6 +286,7 @@ def check_config(spec: ArchSpec, cfg, tp: int) -> None:
         raise ConfigError(f"--tp must be a positive integer, got {tp!r}")
     if cfg.backend is not BackendTarget.ASCEND:
         raise ConfigError("--tp needs backend: ascend (the Golden-Stick layout with quantization_description.json)")
+    check_tensor_parallel(spec, tp)
     shapes, description, groups = dict(spec.global_shapes()), {}, {}
     for i in range(spec.num_layers):
         prefix, layer = spec.layer_prefix(i), spec.layer(i)
@@ -395,6 +396,7 @@ def shard(quant_dir: Path | str, tp: int, overwrite: bool = False) -> Path:
     if bad:
         raise CheckpointError(f"{bad[0]}; refusing to shard a directory that fails its manifest")
     spec = load_spec(quant_dir)
+    check_tensor_parallel(spec, tp)
     description = _read_json(quant_dir / unified.DESCRIPTION)
     record = _read_json(quant_dir / unified.RECORD) if (quant_dir / unified.RECORD).is_file() else None
     src = UnifiedTensors(quant_dir)

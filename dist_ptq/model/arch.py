@@ -54,6 +54,12 @@ class LayerSpec:
     moe: MoESpec | None = None  # the sparse MLP block, on a MoE layer
 
     @property
+    def float32(self) -> frozenset[str]:
+        """Float tensors written as F32 whatever the model dtype: DeepSeek-V3's router bias, whose
+        bfloat16 rounding would change which experts win (its checkpoint stores it F32)."""
+        return frozenset({self.moe.correction_bias_name} if self.moe and self.moe.correction_bias_name else ())
+
+    @property
     def linear_names(self) -> tuple[str, ...]:
         return tuple(lin.name for lin in self.linears)
 
@@ -262,6 +268,7 @@ class ArchSpec:
     moe: MoESpec | None = None
     moe_layers: frozenset[int] = frozenset()  # layers whose MLP is the sparse block; the others are dense
     rope_type: str = "default"  # 'default', 'llama3' or 'yarn' (rope_scaling holds its parameters)
+    skipped_layers: int = 0  # layers past num_layers the checkpoint may hold and nothing reads (DeepSeek's MTP)
     mla: MLASpec | None = None  # DeepSeek-V3's attention; head_dim is then its qk_rope_head_dim (what RoPE acts on)
 
     # ---- tensor names and shapes -------------------------------------------------------------
@@ -470,6 +477,7 @@ def spec_from_config(cfg: dict, path: Path | str = "config.json") -> ArchSpec:
         moe_layers=moe_layers,
         rope_type=kind,
         mla=mla,
+        skipped_layers=int(cfg.get("num_nextn_predict_layers") or 0) if family == "deepseek_v3" else 0,
     )
 
 

@@ -68,6 +68,9 @@ class Checkpoint:
         present = set(self.files.keys()) - {f.tensor for f in self.fused.values()} | set(self.fused)
         # HF checkpoints may carry rotary caches; anything else unknown is refused.
         present = {n for n in present if not n.endswith("rotary_emb.inv_freq")}
+        # DeepSeek-V3's multi-token-prediction layers follow the decoder layers; serving and HF skip them
+        mtp = tuple(f"model.layers.{i}." for i in range(self.spec.num_layers, self.spec.num_layers + self.spec.skipped_layers))
+        present = {n for n in present if not n.startswith(mtp)} if mtp else present
         if self.spec.tie_word_embeddings:
             present.discard("lm_head.weight")
         missing = sorted(set(expected) - present)

@@ -266,9 +266,10 @@ def quantize_layer(
         value = weights[name]
         if name in changed:
             value = out.float_overrides[name] = round_to_dtype(work[name], model_dtype)
-        put(name, value, True, False)
+        put(name, value, name not in layer.float32, False)
         out.description[name] = Scheme.FLOAT
-        out.model_dtype.add(name)
+        if name not in layer.float32:
+            out.model_dtype.add(name)
 
     out.kv = kv_scheme(cfg, prefix)
     if out.kv is KVScheme.C8:
