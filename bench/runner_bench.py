@@ -136,18 +136,30 @@ def bench_memory(work: Path) -> None:
 
 
 MOE_SHAPES = {"qwen3-30b-a3b": ("qwen3_30b_a3b_shaped_config", 4), "deepseek-v3": ("deepseek_v3_shaped_config", 2)}
+# DeepSeek-V3 (28 GB for 2 layers) is copied file by file: the disk here cannot hold it twice
 
 
-def copy_seconds(model: Path, work: Path) -> float:
-    """``cp -r`` of the model directory, synced: the I/O floor a data-free run is measured against."""
+def copy_seconds(model: Path, work: Path, per_file: bool = False) -> float:
+    """``cp -r`` of the model directory, synced: the I/O floor a data-free run is measured against.
+    ``per_file``: ``cp`` one file at a time, each copy synced and deleted before the next (the same
+    bytes read and written, for a model the disk cannot hold twice); the time is the sum."""
     copy = work / f"copy-{model.name}"
     shutil.rmtree(copy, ignore_errors=True)
     subprocess.run(["sync"])
-    t0 = time.time()
-    subprocess.run(["cp", "-r", str(model), str(copy)], check=True)
-    subprocess.run(["sync"])
-    secs = time.time() - t0
-    shutil.rmtree(copy)
+    if not per_file:
+        t0 = time.time()
+        subprocess.run(["cp", "-r", str(model), str(copy)], check=True)
+        subprocess.run(["sync"])
+        secs = time.time() - t0
+        shutil.rmtree(copy)
+        return secs
+    secs = 0.0
+    for f in sorted(model.iterdir()):
+        t0 = time.time()
+        subprocess.run(["cp", str(f), str(copy)], check=True)
+        subprocess.run(["sync"])
+        secs += time.time() - t0
+        copy.unlink()
     return secs
 
 
@@ -165,7 +177,7 @@ def bench_moe(work: Path, shapes: list[str]) -> None:
             t0 = time.time()
             synth.write_random_model(d, getattr(synth, fn)(layers=layers), seed=0, dtype="BF16", shard_bytes=2 << 30)
             print(f"generated {d} in {time.time() - t0:.0f}s", flush=True)
-        cp_s = copy_seconds(d, work)
+        cp_s = copy_seconds(d, work, per_file=shape == "deepseek-v3")
         out = work / f"out-{shape}"
         shutil.rmtree(out, ignore_errors=True)
         r = run_child(model=str(d), config=str(ROOT / "configs/w8a16_rtn.yaml"), out=str(out), workers=2)
