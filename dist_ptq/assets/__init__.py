@@ -4,3 +4,4 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent
 TINY_LLAMA = ASSETS / "tiny-llama"
+TINY_MOE = ASSETS / "tiny-moe"
