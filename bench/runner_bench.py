@@ -182,12 +182,12 @@ def bench_moe(work: Path, shapes: list[str]) -> None:
         shutil.rmtree(out, ignore_errors=True)
         r = run_child(model=str(d), config=str(ROOT / "configs/w8a16_rtn.yaml"), out=str(out), workers=2)
         shutil.rmtree(out, ignore_errors=True)
-        data[shape] = {"layers": layers, "model_gb": model_bytes(d) / 1e9, "cp_seconds": cp_s, **r}
+        data[shape] = {**r, "decoder_layers": layers, "model_gb": model_bytes(d) / 1e9, "cp_seconds": cp_s}
         shutil.rmtree(d)
     md = ("| model (synthetic, bf16) | size | worker peak RSS (GB) | driver peak RSS (GB) | wall (s) | `cp -r` (s) | wall / cp |\n"
           "|---|---:|---|---:|---:|---:|---:|\n")
     for shape, r in data.items():
-        md += (f"| {shape} shape, {r['layers']} layers, W8A16 RTN, 2 workers | {r['model_gb']:.1f} GB | "
+        md += (f"| {shape} shape, {r['decoder_layers']} layers, W8A16 RTN, 2 workers | {r['model_gb']:.1f} GB | "
                f"{', '.join(f'{x / 1024:.2f}' for x in r['worker_peak_rss_mb'])} | {r['driver_peak_rss_mb'] / 1024:.2f} | "
                f"{r['seconds']:.0f} | {r['cp_seconds']:.0f} | {r['seconds'] / r['cp_seconds']:.2f} |\n")
     save("moe", data, md)

@@ -12,7 +12,7 @@ from dist_ptq.eval.run import evaluate
 from dist_ptq.eval.verify import verify
 from dist_ptq.model.arch import REPLICATED, check_kv_cache, check_tensor_parallel, expert_groups, spec_from_config
 from dist_ptq.model.checkpoint import Checkpoint
-from dist_ptq.model.forward import configure_mindspore, decoder_layer, float_linear, mla_attention, to_tensor
+from dist_ptq.model.forward import decoder_layer, float_linear, mla_attention, to_tensor
 from dist_ptq.model.layer_source import FloatSource, Rope
 from dist_ptq.model.routing import grouped_topk, route
 from dist_ptq.model.safetensors_io import SafetensorsFile, write_safetensors
@@ -20,7 +20,7 @@ from dist_ptq.model.synthetic import (deepseek_v3_shaped_config, qwen3_30b_a3b_s
                                       tiny_deepseek_config, write_random_model)
 from dist_ptq.runtime.coordinator import quantize
 from tests import numpy_reference as ref
-from tests.common import CONFIGS, ROOT
+from tests.common import CONFIGS, ROOT, float64_model, rel_err
 
 ASSETS = ROOT / "dist_ptq" / "assets" / "tiny-llama"
 
@@ -36,16 +36,7 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def model(request, tmp_path_factory):
-    configure_mindspore()
-    cfg = CASES[request.param]
-    d = write_random_model(tmp_path_factory.mktemp(request.param), cfg, seed=7, dtype="F32")
-    ckpt = Checkpoint(d)
-    weights = {n: ckpt.get(n).astype(np.float64) for n in ckpt.spec.all_shapes()}
-    return cfg, ckpt, weights
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+    return float64_model(tmp_path_factory.mktemp(request.param), CASES[request.param], seed=7)
 
 
 def local(weights, i):

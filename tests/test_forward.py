@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from dist_ptq.model.arch import spec_from_config
-from dist_ptq.model.checkpoint import Checkpoint
-from dist_ptq.model.forward import configure_mindspore, decoder_layer, to_tensor
+from dist_ptq.model.forward import decoder_layer, to_tensor
 from dist_ptq.model.layer_source import FloatSource, Rope
-from dist_ptq.model.synthetic import tiny_config, write_random_model
+from dist_ptq.model.synthetic import tiny_config
 from tests import numpy_reference as ref
+from tests.common import float64_model, rel_err
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -27,16 +27,7 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def model(request, tmp_path_factory):
-    configure_mindspore()
-    cfg = CASES[request.param]
-    d = write_random_model(tmp_path_factory.mktemp(request.param), cfg, seed=3, dtype="F32")
-    ckpt = Checkpoint(d)
-    weights = {n: ckpt.get(n).astype(np.float64) for n in ckpt.spec.all_shapes()}
-    return cfg, ckpt, weights
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+    return float64_model(tmp_path_factory.mktemp(request.param), CASES[request.param], seed=3)
 
 
 def test_layer_matches_numpy_reference(model):

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from dist_ptq.model.arch import expert_groups, spec_from_config
-from dist_ptq.model.checkpoint import Checkpoint
-from dist_ptq.model.forward import configure_mindspore, decoder_layer, to_tensor
+from dist_ptq.model.forward import decoder_layer, to_tensor
 from dist_ptq.model.layer_source import FloatSource, Rope
 from dist_ptq.model.routing import route
-from dist_ptq.model.synthetic import tiny_moe_config, write_random_model
+from dist_ptq.model.synthetic import tiny_moe_config
 from tests import numpy_reference as ref
+from tests.common import float64_model, rel_err
 
 CASES = {
     "qwen2_moe-shared": tiny_moe_config("qwen2_moe", mlp_only_layers=[0]),  # layer 0 dense, layer 1 MoE
@@ -21,16 +21,7 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def model(request, tmp_path_factory):
-    configure_mindspore()
-    cfg = CASES[request.param]
-    d = write_random_model(tmp_path_factory.mktemp(request.param), cfg, seed=5, dtype="F32")
-    ckpt = Checkpoint(d)
-    weights = {n: ckpt.get(n).astype(np.float64) for n in ckpt.spec.all_shapes()}
-    return cfg, ckpt, weights
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+    return float64_model(tmp_path_factory.mktemp(request.param), CASES[request.param], seed=5)
 
 
 def test_moe_layer_matches_numpy_reference_and_routes_alike(model):
