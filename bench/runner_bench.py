@@ -329,29 +329,35 @@ def head_commit(code: Path = ROOT) -> str:
     return rev + ("+" if dirty else "")
 
 
-def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = None, shapes: tuple[str, ...] = ("7b", "1.1b")) -> None:
+def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = None, shapes: tuple[str, ...] = ("7b", "1.1b"),
+                     batch: int = 4) -> None:
     """The issue-15 figures: W8A8 SmoothQuant + KV int8, 2 workers, 16 × 256 calibration tokens.
-    ``layers7b``: the 7B shape with fewer layers (peak memory is per layer; bytes read scale with them)."""
+    ``layers7b``: the 7B shape with fewer layers (peak memory is per layer; bytes read scale with them).
+    ``batch``: samples per micro-batch (4: four micro-batches); a run with another batch is recorded
+    beside the others, not over them."""
     cfg = str(ROOT / "configs/w8a8_smoothquant_kv_int8.yaml")
     calib = calib_npy(work, 16, 256, 32000)
-    common = dict(config=cfg, workers=2, calib=str(calib), num_samples=16, seq_len=256, batch=4)
+    common = dict(config=cfg, workers=2, calib=str(calib), num_samples=16, seq_len=256, batch=batch)
+    tag = "" if batch == 4 else f" batch {batch}"
     runs = {}
     out = work / "out-calibrated"
     m7 = ensure_model(work, f"llama2-7b-{layers7b}l" if layers7b else "llama2-7b", "llama2-7b", layers=layers7b)
     if "7b" in shapes:
         shutil.rmtree(out, ignore_errors=True)
-        runs["7b layer-major"] = {**run_child(model=str(m7), out=str(out), **common), "commit": head_commit()}
-        print(f"7b: {runs['7b layer-major']['seconds']:.1f}s", flush=True)
+        runs["7b layer-major" + tag] = {**run_child(model=str(m7), out=str(out), **common), "commit": head_commit(),
+                                        "batch": batch}
+        print(f"7b: {runs['7b layer-major' + tag]['seconds']:.1f}s", flush=True)
     m1 = ensure_model(work, "tinyllama-1.1b", "tinyllama-1.1b")
     trees = [("layer-major", ROOT)] + ([(f"baseline {baseline}", baseline_tree(baseline))] if baseline else [])
     for label, code in trees if "1.1b" in shapes else []:  # side by side, one after the other, same inputs
         shutil.rmtree(out, ignore_errors=True)
-        runs[f"1.1b {label}"] = {**run_child(code=code, model=str(m1), out=str(out), **common), "commit": head_commit(code)}
-        print(f"1.1b {label}: {runs[f'1.1b {label}']['seconds']:.1f}s", flush=True)
+        runs[f"1.1b {label}{tag}"] = {**run_child(code=code, model=str(m1), out=str(out), **common),
+                                      "commit": head_commit(code), "batch": batch}
+        print(f"1.1b {label}: {runs[f'1.1b {label}{tag}']['seconds']:.1f}s", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     recorded = RESULTS / "runner_calibrated.json"
-    if set(shapes) != {"7b", "1.1b"} and recorded.exists():  # a partial run keeps the other shape's record
-        runs = {**{k: v for k, v in json.loads(recorded.read_text())["runs"].items() if k.split()[0] not in shapes}, **runs}
+    if (set(shapes) != {"7b", "1.1b"} or tag) and recorded.exists():  # a partial run keeps the other records
+        runs = {**json.loads(recorded.read_text())["runs"], **runs}
     sizes = {"1.1b": model_bytes(m1), "7b": model_bytes(m7)}
     rows = []
     for key, r in runs.items():
@@ -359,17 +365,17 @@ def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = No
         label = f"{shape} ({layers7b} layers)" if shape == "7b" and layers7b else shape
         reader, rchar, storage = _bytes_read_row(r, sizes[shape])
         rss = ", ".join(f"{x / 1024:.2f}" for x in r["worker_peak_rss_mb"])
-        rows.append(f"| {label} | {key.split(' ', 1)[1]} ({r.get('commit', '?')}) | {sizes[shape] / 1e9:.1f} GB | {rss} | "
+        rows.append(f"| {label} | {key.split(' ', 1)[1]} ({r.get('commit', '?')}) | {r.get('batch', 4)} | {sizes[shape] / 1e9:.1f} GB | {rss} | "
                     f"{r['driver_peak_rss_mb'] / 1024:.2f} | {r['seconds']:.0f} | {reader:.3f} | {rchar:.3f} | {storage:.3f} |\n")
     ratio = None
     if baseline and "1.1b" in shapes:
-        ratio = runs["1.1b layer-major"]["seconds"] / runs[f"1.1b baseline {baseline}"]["seconds"]
+        ratio = runs["1.1b layer-major" + tag]["seconds"] / runs[f"1.1b baseline {baseline}{tag}"]["seconds"]
     md = ("W8A8 SmoothQuant + KV int8, 2 workers (2 pipeline stages, one core each), 16 × 256 calibration "
-          "tokens in 4 micro-batches. Bytes read ÷ model size, summed over the workers: by the checkpoint "
+          "tokens in micro-batches of `batch` samples. Bytes read ÷ model size, summed over the workers: by the checkpoint "
           "reader (tensor bytes), and from `/proc/self/io` (`rchar`: every read call, libraries included; "
           "`read_bytes`: what reached the disk, less what the page cache served).\n\n"
-          "| shape | code | model | worker peak RSS (GB) | driver peak RSS (GB) | wall (s) | reader bytes ÷ model | "
-          "rchar ÷ model | disk read_bytes ÷ model |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n" + "".join(rows))
+          "| shape | code | batch | model | worker peak RSS (GB) | driver peak RSS (GB) | wall (s) | reader bytes ÷ model | "
+          "rchar ÷ model | disk read_bytes ÷ model |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|\n" + "".join(rows))
     if ratio is not None:
         md += f"\n1.1B wall time, layer-major ÷ baseline {baseline} (same invocation): {ratio:.2f}\n"
     save("calibrated", {"model_bytes": sizes, "runs": runs, "wall_ratio_vs_baseline": ratio, "baseline": baseline}, md)
@@ -386,6 +392,7 @@ def main() -> None:
     ap.add_argument("--layers7b", type=int, default=None, help="calibrated: decoder layers of the 7B-shaped model (default 32)")
     ap.add_argument("--shapes", nargs="+", choices=["7b", "1.1b"], default=["7b", "1.1b"],
                     help="calibrated: which shapes to run; the other keeps its recorded figures")
+    ap.add_argument("--batch", type=int, default=4, help="calibrated: samples per micro-batch (16 samples in all)")
     ap.add_argument("--moe-shapes", nargs="+", choices=list(MOE_SHAPES), default=list(MOE_SHAPES),
                     help="moe: which shapes to run; the others keep their recorded figures")
     args = ap.parse_args()
@@ -393,7 +400,7 @@ def main() -> None:
     {"memory": lambda: bench_memory(args.work), "speedup": lambda: bench_speedup(args.work, args.layers),
      "compute": lambda: bench_compute(args.work),
      "scaling": lambda: bench_scaling(args.work, args.hidden or [1024, 2048], args.configs),
-     "calibrated": lambda: bench_calibrated(args.work, args.baseline, args.layers7b, tuple(args.shapes)),
+     "calibrated": lambda: bench_calibrated(args.work, args.baseline, args.layers7b, tuple(args.shapes), args.batch),
      "moe": lambda: bench_moe(args.work, args.moe_shapes)}[args.what]()
 
 
