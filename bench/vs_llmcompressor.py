@@ -87,8 +87,7 @@ Left as each tool does it:
   llmcompressor) are only in "to output". On a model this small fixed costs dominate: the ratios say little
   about 7B–70B, where the per-layer work is what counts.
 """
-INSTALL = ("python3.11 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 && "
-           ".venv-bench/bin/pip install llmcompressor==0.14.0.1 torch==2.13.0")
+INSTALL = "python3.11 -m venv .venv-bench && .venv-bench/bin/pip install -r bench/requirements-vs-llmcompressor.txt"
 
 
 def main() -> int:
