@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,8 +228,15 @@ def _inspect(args: argparse.Namespace, env: Environment) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's warnings (unmatched patterns, loaders that read no part of a recipe) as one line
+    each, like the errors, instead of Python's file:line and source excerpt."""
+    print(f"dist-ptq: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
         return args.func(args, Environment.read(os.environ))
     except DistPTQError as e:
@@ -237,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dist-ptq: interrupted; no complete output was written", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -103,3 +103,17 @@ def test_a_bad_environment_variable_is_one_clear_error(env, message):
         Environment.read(env)
     assert str(e.value) == message
     assert Environment.read({}) == Environment()  # nothing set: the defaults
+
+
+def test_warnings_are_one_line_each(model, capsys):
+    import warnings
+
+    d, m = model
+    before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["quantize", str(m), "-c", str(CONFIGS / "w8a16_rtn.yaml"), "-o", str(d / "w8a16")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert err and err[0].startswith("dist-ptq: warning: no serving loader reads this recipe's W8A16 output")
+    assert not any("UserWarning" in line or "warn_loader_support(cfg)" in line for line in err)
+    assert warnings.showwarning is before  # restored for the caller
