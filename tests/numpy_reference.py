@@ -183,8 +183,9 @@ def rotate_pairs(x: np.ndarray, pos: int, freqs: np.ndarray, interleave: bool, f
     return out
 
 
-def mla_attention(w: dict, cfg: dict, h: np.ndarray) -> np.ndarray:
-    """HF DeepseekV3Attention (eager, no cache), one query position and head at a time."""
+def mla_attention(w: dict, cfg: dict, h: np.ndarray, cache_out: list | None = None) -> np.ndarray:
+    """HF DeepseekV3Attention (eager, no cache), one query position and head at a time. ``cache_out``
+    collects what an MLA cache holds: (normed latent (B, S, r), rope'd k_pe (B, S, dr))."""
     B, S, H = h.shape
     nh, dn, dr, dv, r = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"],
                          cfg["v_head_dim"], cfg["kv_lora_rank"])
@@ -198,15 +199,18 @@ def mla_attention(w: dict, cfg: dict, h: np.ndarray) -> np.ndarray:
         q = lin("q_proj", h)
     q = q.reshape(B, S, nh, dn + dr)
     ckv = lin("kv_a_proj_with_mqa", h)
-    kv = lin("kv_b_proj", rmsnorm(ckv[..., :r], w["self_attn.kv_a_layernorm.weight"], 1e-6)).reshape(B, S, nh, dn + dv)
+    latent = rmsnorm(ckv[..., :r], w["self_attn.kv_a_layernorm.weight"], 1e-6)
+    kv = lin("kv_b_proj", latent).reshape(B, S, nh, dn + dv)
     freqs, af, inter = inv_freq(cfg), attention_factor(cfg), cfg.get("rope_interleave", True)
     scale = (dn + dr) ** -0.5
     rs = cfg.get("rope_scaling") or {}
     if rs.get("mscale_all_dim"):
         scale *= mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
     out = np.zeros((B, S, nh, dv))
+    pes = []
     for b in range(B):
         k_pe = [rotate_pairs(ckv[b, j, r:], j, freqs, inter, af) for j in range(S)]  # one rope key for all heads
+        pes.append(np.stack(k_pe))
         for t in range(S):
             for head in range(nh):
                 q_pe = rotate_pairs(q[b, t, head, dn:], t, freqs, inter, af)
@@ -214,6 +218,8 @@ def mla_attention(w: dict, cfg: dict, h: np.ndarray) -> np.ndarray:
                 m = max(logits)
                 p = [math.exp(v - m) for v in logits]
                 out[b, t, head] = sum(pj * kv[b, j, head, dn:] for j, pj in enumerate(p)) / sum(p)
+    if cache_out is not None:
+        cache_out.append((latent, np.stack(pes)))
     return lin("o_proj", out.reshape(B, S, nh * dv))
 
 

@@ -254,7 +254,7 @@ def quantized_layer_error(m, ql, x) -> tuple[float, np.ndarray, np.ndarray]:
     wq = layer_weights_for(ql, w)
     yf = decoder_layer(w, spec, ms.Tensor(x), rope.cos_sin, rope.mask).asnumpy()
     yq = decoder_layer(wq, spec, ms.Tensor(x), rope.cos_sin, rope.mask, linear=fake_linear(ql, wq),
-                       kv=fake_kv(ql, spec.num_kv_heads, spec.head_dim)).asnumpy()
+                       kv=fake_kv(ql, spec.cache_heads)).asnumpy()
     return float(np.linalg.norm((yq - x) - (yf - x)) / np.linalg.norm(yf - x)), yq, yf
 
 

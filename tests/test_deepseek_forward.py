@@ -10,7 +10,7 @@ import pytest
 from dist_ptq.errors import CheckpointError, ConfigError, UnsupportedModelError
 from dist_ptq.eval.run import evaluate
 from dist_ptq.eval.verify import verify
-from dist_ptq.model.arch import REPLICATED, check_kv_cache, check_tensor_parallel, expert_groups, spec_from_config
+from dist_ptq.model.arch import REPLICATED, check_tensor_parallel, expert_groups, spec_from_config
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.forward import decoder_layer, float_linear, mla_attention, to_tensor
 from dist_ptq.model.layer_source import FloatSource, Rope
@@ -60,7 +60,7 @@ def test_layer_matches_numpy_reference_and_routes_alike(model, index):
     moe = ckpt.spec.layer(index).moe
     if ckpt.spec.mla is not None:
         attn = {"attn_in", "kv_b_in", "o_in"} | ({"q_b_in"} if cfg["q_lora_rank"] else set())
-        assert attn < set(taps) and not {"k", "v"} & set(taps)  # MLA caches a latent: no per-head K/V taps
+        assert attn | {"k", "v"} < set(taps)  # MLA: k = the rope'd k_pe, v = the latent, of one cache head
         assert taps["kv_b_in"].shape == (2, 12, cfg["kv_lora_rank"])
     if moe is None:
         assert not routes
@@ -87,9 +87,25 @@ def test_mla_attention_matches_numpy_reference(model):
     w = local(weights, 0)
     tensors = {k: to_tensor(v) for k, v in w.items()}
     rope = Rope(ckpt.spec, 12)
+    taps = {}
     got = mla_attention(tensors, ckpt.spec.mla, ckpt.spec.num_heads, to_tensor(x), rope.cos_sin, rope.mask,
-                        float_linear(tensors), None).asnumpy()
-    assert rel_err(got, ref.mla_attention(w, cfg, x)) < 3e-5
+                        float_linear(tensors), lambda n, t: taps.__setitem__(n, t.asnumpy())).asnumpy()
+    cache: list = []
+    assert rel_err(got, ref.mla_attention(w, cfg, x, cache)) < 3e-5
+    # what the MLA cache holds is tapped as one cache head: k = the rope'd k_pe, v = the normed latent
+    latent, k_pe = cache[0]
+    assert taps["v"].shape == (2, 1, 12, cfg["kv_lora_rank"]) and taps["k"].shape == (2, 1, 12, cfg["qk_rope_head_dim"])
+    if ckpt.spec.mla.rope_interleave:  # k_pe as HF's apply_rotary_pos_emb_interleave leaves it: evens, then odds
+        k_pe = np.concatenate([k_pe[..., 0::2], k_pe[..., 1::2]], -1)
+    assert rel_err(taps["v"][:, 0], latent) < 3e-5 and rel_err(taps["k"][:, 0], k_pe) < 3e-5
+    # attention reads the latent and k_pe back through the cache: an identity cache changes nothing,
+    # a coarse one changes the output
+    def run(kv):
+        return mla_attention(tensors, ckpt.spec.mla, ckpt.spec.num_heads, to_tensor(x), rope.cos_sin, rope.mask,
+                             float_linear(tensors), None, kv).asnumpy()
+
+    assert np.array_equal(run(lambda k, v: (k, v)), run(None))
+    assert rel_err(run(lambda k, v: (k, v.round())), got) > 1e-3
 
 
 def test_model_logits_match_numpy_reference(model):
@@ -170,20 +186,13 @@ def test_yarn_frequencies_follow_hf():
     assert cos[0, 0] == pytest.approx(spec.rope_attention_factor, rel=1e-6)
 
 
-def test_tensor_parallel_and_kv_cache_are_refused_on_mla():
+def test_tensor_parallel_is_refused_on_mla():
     spec = spec_from_config(tiny_deepseek_config())
     with pytest.raises(ConfigError, match=r"--tp 2: model\.layers\.0\.self_attn\.q_a_proj of this deepseek_v3 model is replicated"):
         check_tensor_parallel(spec, 2)
     check_tensor_parallel(spec, None)
     check_tensor_parallel(spec_from_config(tiny_config("llama")), 2)  # dense models pass
-    with pytest.raises(ConfigError, match=r"KV-cache quantization of a deepseek_v3 model \(MLA"):
-        check_kv_cache(spec, True)
-    check_kv_cache(spec, False)
-    check_kv_cache(spec_from_config(tiny_config("llama")), True)
-    rope = Rope(spec, 4)
-    with pytest.raises(ConfigError, match="KV-cache quantization of MLA"):
-        decoder_layer({"input_layernorm.weight": to_tensor(np.ones(64))}, spec, to_tensor(np.zeros((1, 4, 64))),
-                      rope.cos_sin, rope.mask, index=0, kv=lambda k, v: (k, v))
+    assert spec.cache_heads == 1 and spec.cache_widths == (spec.mla.qk_rope_head_dim, spec.mla.kv_lora_rank)
 
 
 @pytest.mark.parametrize("overrides, err, message", [
@@ -250,9 +259,29 @@ def test_quantize_end_to_end_and_evaluate(e2e_model, recipe, tmp_path):
     assert verify(out) == []
 
 
-def test_kv_int8_and_tp_are_refused_at_the_recipe_check(e2e_model, tmp_path):
-    with pytest.raises(ConfigError, match=r"KV-cache quantization of a deepseek_v3 model"):
-        quantize(e2e_model, CONFIGS / "kv_int8.yaml", tmp_path / "kv", calib=ASSETS / "calib.txt", progress=False)
+@pytest.mark.parametrize("recipe", ["kv_int8", "kv_int8_dynamic"])
+def test_kv_int8_on_mla_quantizes_the_latent_and_k_pe(e2e_model, recipe, tmp_path):
+    """C8 on MLA: static per-channel scales over k_pe (k_scale) and the latent (v_scale) of the one cache
+    head; the reference inference reads both back, and the output keeps close to the float model."""
+    out = tmp_path / recipe
+    quantize(e2e_model, CONFIGS / f"{recipe}.yaml", out, calib=ASSETS / "calib.txt", num_samples=8, seq_len=64,
+             batch=4, progress=False)
+    idx = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    p = "model.layers.0.self_attn."
+    if recipe == "kv_int8":
+        with SafetensorsFile(out / idx[p + "k_scale"]) as f:
+            assert f.get(p + "k_scale").shape == (E2E["qk_rope_head_dim"],)
+            assert f.get(p + "v_scale").shape == (E2E["kv_lora_rank"],)
+            assert f.get(p + "v_offset").shape == (E2E["kv_lora_rank"],)
+    else:
+        assert p + "k_scale" not in idx
+    assert verify(out) == []
+    ppl, _ = evaluate(out, ASSETS / "valid.txt", seq_len=64, max_tokens=512)
+    float_ppl, _ = evaluate(e2e_model, ASSETS / "valid.txt", seq_len=64, max_tokens=512)
+    assert abs(ppl / float_ppl - 1) < 0.01
+
+
+def test_tp_is_refused_at_the_recipe_check(e2e_model, tmp_path):
     with pytest.raises(ConfigError, match=r"--tp 2: model\.layers\.0\.self_attn\.q_a_proj .* is replicated"):
         quantize(e2e_model, CONFIGS / "w8a16_rtn.yaml", tmp_path / "tp", tp=2, progress=False)
     assert not any(tmp_path.iterdir())

@@ -528,7 +528,7 @@ def fake_quant_logprobs(model_dir: Path, cfg_path: Path, calib: np.ndarray, ids:
             if FORMATS[lin.kind].slot("weight_scale").dtype == MODEL:
                 lin.scale = round_to_dtype(lin.scale, dtype)
         h = decoder_layer(w_ms, spec, h, src.rope.cos_sin, src.rope.mask,
-                          linear=fake_linear(ql, w_ms), kv=fake_kv(ql, spec.num_kv_heads, spec.head_dim))
+                          linear=fake_linear(ql, w_ms), kv=fake_kv(ql, spec.cache_heads))
     logits = src.logits(h)
     logp = ops.log_softmax(logits, -1).asnumpy().astype(np.float64)
     ckpt.close()

@@ -70,7 +70,7 @@ class QuantizedSource:
         ``num_kv_heads`` heads (default: the model's) that the attention sees."""
         kind = kv_scheme(self.cfg, self.spec.layer_prefix(i))
         if kind is KVScheme.C8:
-            return kv_int8_static(k_scale, v_scale, num_kv_heads or self.spec.num_kv_heads, self.spec.head_dim)
+            return kv_int8_static(k_scale, v_scale, num_kv_heads or self.spec.cache_heads)
         return kv_int8_dynamic if kind is KVScheme.C8_DYNAMIC else None
 
     def layer(self, i: int):

@@ -178,9 +178,9 @@ def expected_tensors(spec: ArchSpec, description: dict[str, str], model_dtype: s
                 exp[p + "." + slot.suffix] = Expect(fmt.scheme, md if slot.dtype == MODEL else slot.dtype,
                                                     slot.shape(oc, ic, None), required, (oc, ic))
         if any(description.get(prefix + n) for n in KV_TENSORS):
-            width = spec.num_kv_heads * spec.head_dim
+            k_width, v_width = spec.cache_widths
             for n, dtype in KV_TENSORS.items():
-                exp[prefix + n] = Expect(KVScheme.C8, dtype, (width,), True)
+                exp[prefix + n] = Expect(KVScheme.C8, dtype, (k_width if n.startswith("self_attn.k") else v_width,), True)
     return exp, problems
 
 

@@ -276,6 +276,19 @@ class ArchSpec:
         return f"model.layers.{i}."
 
     @property
+    def cache_heads(self) -> int:
+        """Heads of the KV cache: the KV heads, or one on MLA (its latent and k_pe serve every head)."""
+        return 1 if self.mla is not None else self.num_kv_heads
+
+    @property
+    def cache_widths(self) -> tuple[int, int]:
+        """(K, V) channels of one token's cache: kv_heads·head_dim each, or on MLA the rope'd k_pe
+        (qk_rope_head_dim, as 'k') and the normed latent (kv_lora_rank, as 'v')."""
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim, self.mla.kv_lora_rank
+        return (self.num_kv_heads * self.head_dim,) * 2
+
+    @property
     def uniform(self) -> bool:
         """Every layer has the same shape (no MoE layers beside dense ones)."""
         return len(self.moe_layers) in (0, self.num_layers)
@@ -582,14 +595,6 @@ def check_tensor_parallel(spec: ArchSpec, tp: int | None) -> None:
         if whole is not None:
             raise ConfigError(f"--tp {tp}: {spec.layer_prefix(i)}{whole} of this {spec.family} model is replicated on every "
                               "rank, which tensor-parallel export does not support yet; expected no --tp for this model")
-
-
-def check_kv_cache(spec: ArchSpec, quantized: bool) -> None:
-    """Refuse KV-cache quantization on MLA: its cache is the compressed latent and k_pe, not per-head
-    K/V, and the C8 scales, taps and fake-quant read-back are laid out for per-head K/V."""
-    if quantized and spec.mla is not None:
-        raise ConfigError(f"KV-cache quantization of a {spec.family} model (MLA: the cache holds the compressed latent "
-                          "and k_pe) is not supported yet; expected no kvcache_quant_dtype for this model")
 
 
 def load_spec(model_dir: Path | str) -> ArchSpec:

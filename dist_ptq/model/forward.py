@@ -131,9 +131,7 @@ def decoder_layer(
     if tap:
         tap("attn_in", h)
     if spec.mla is not None:
-        if kv is not None:
-            raise ConfigError("KV-cache quantization of MLA attention is not supported; expected kv=None")
-        x = x + mla_attention(weights, spec.mla, spec.num_heads, h, (cos, sin), mask[:s, :s], linear, tap)
+        x = x + mla_attention(weights, spec.mla, spec.num_heads, h, (cos, sin), mask[:s, :s], linear, tap, kv)
     else:
         x = x + attention(weights, spec, h, (cos, sin), mask[:s, :s], linear, tap, kv)
 
@@ -185,9 +183,13 @@ def deinterleave(x: Tensor) -> Tensor:
 
 
 def mla_attention(weights: dict[str, Tensor], mla: MLASpec, nh: int, h: Tensor, rope: tuple[Tensor, Tensor],
-                  mask: Tensor, linear: LinearFn, tap: TapFn | None) -> Tensor:
+                  mask: Tensor, linear: LinearFn, tap: TapFn | None, kv: KVFn | None = None) -> Tensor:
     """DeepSeek-V3 multi-head latent attention on the normed input h (B, S, H), as HF's
-    DeepseekV3Attention (eager): o_proj's output."""
+    DeepseekV3Attention (eager): o_proj's output.
+
+    The cache of MLA holds, per token, the normed latent (kv_lora_rank channels) and the rope'd k_pe
+    (qk_rope_head_dim), shared by every head: they are tapped and read back (``kv``) as the 'v' and
+    'k' of one cache head, (B, 1, S, channels); kv_b_proj then reads the latent as the cache returns it."""
     b, s, _ = h.shape
     dn, dr, dv, r = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim, mla.kv_lora_rank
     cos, sin = rope
@@ -204,14 +206,20 @@ def mla_attention(weights: dict[str, Tensor], mla: MLASpec, nh: int, h: Tensor, 
     ckv = linear("self_attn.kv_a_proj_with_mqa", h)
     latent = rms_norm(ckv[..., :r], weights["self_attn.kv_a_layernorm.weight"], eps)
     k_rot = ckv[..., r:].reshape(b, 1, s, dr)
-    if tap:
-        tap("kv_b_in", latent)
-    kv = ops.transpose(linear("self_attn.kv_b_proj", latent).reshape(b, s, nh, dn + dv), (0, 2, 1, 3))
-    k_pass, v = kv[..., :dn], kv[..., dn:]
     if mla.rope_interleave:
         q_rot, k_rot = deinterleave(q_rot), deinterleave(k_rot)
     q_rot = q_rot * cos + rotate_half(q_rot) * sin
-    k_rot = ops.broadcast_to(k_rot * cos + rotate_half(k_rot) * sin, (b, nh, s, dr))
+    k_rot = k_rot * cos + rotate_half(k_rot) * sin
+    if tap:
+        tap("kv_b_in", latent)
+        tap("k", k_rot)
+        tap("v", latent.reshape(b, 1, s, r))
+    if kv:
+        k_rot, cached = kv(k_rot, latent.reshape(b, 1, s, r))
+        latent = cached.reshape(b, s, r)
+    kvb = ops.transpose(linear("self_attn.kv_b_proj", latent).reshape(b, s, nh, dn + dv), (0, 2, 1, 3))
+    k_pass, v = kvb[..., :dn], kvb[..., dn:]
+    k_rot = ops.broadcast_to(k_rot, (b, nh, s, dr))
     q = ops.concat((q_pass, q_rot), -1)
     k = ops.concat((k_pass, k_rot), -1)
     scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * mla.softmax_scale + mask

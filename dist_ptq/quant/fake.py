@@ -61,11 +61,11 @@ def fake_linear(ql: QuantizedLayer, float_weights: dict[str, ms.Tensor]) -> Line
     return linear
 
 
-def kv_int8_static(k_scale: np.ndarray, v_scale: np.ndarray, num_kv_heads: int, head_dim: int) -> KVFn:
-    """K/V as read back from an int8 cache with per-channel scales (C8)."""
-    shape = (1, num_kv_heads, 1, head_dim)
-    ks = to_tensor(np.asarray(k_scale).reshape(shape))
-    vs = to_tensor(np.asarray(v_scale).reshape(shape))
+def kv_int8_static(k_scale: np.ndarray, v_scale: np.ndarray, cache_heads: int) -> KVFn:
+    """K/V as read back from an int8 cache with per-channel scales (C8), K and V of ``cache_heads``
+    heads each (MLA: one, its k_pe and latent of different widths)."""
+    ks = to_tensor(np.asarray(k_scale).reshape(1, cache_heads, 1, -1))
+    vs = to_tensor(np.asarray(v_scale).reshape(1, cache_heads, 1, -1))
 
     def kv(k: ms.Tensor, v: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
         return (ops.clamp(ops.round(k / ks), -127.0, 127.0) * ks, ops.clamp(ops.round(v / vs), -127.0, 127.0) * vs)
@@ -78,9 +78,9 @@ def kv_int8_dynamic(k: ms.Tensor, v: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
     return fake_quant_per_token(k), fake_quant_per_token(v)
 
 
-def fake_kv(ql: QuantizedLayer, num_kv_heads: int, head_dim: int) -> KVFn | None:
+def fake_kv(ql: QuantizedLayer, cache_heads: int) -> KVFn | None:
     if ql.kv is KVScheme.C8_DYNAMIC:
         return kv_int8_dynamic
     if ql.kv is KVScheme.C8:
-        return kv_int8_static(ql.tensors["self_attn.k_scale"], ql.tensors["self_attn.v_scale"], num_kv_heads, head_dim)
+        return kv_int8_static(ql.tensors["self_attn.k_scale"], ql.tensors["self_attn.v_scale"], cache_heads)
     return None

@@ -37,12 +37,11 @@ from dist_ptq.errors import CalibrationError, ConfigError
 from dist_ptq.export import commit, unified
 from dist_ptq.export import tp as tp_export
 from dist_ptq.export.loaders import warn_loader_support
-from dist_ptq.model.arch import ArchSpec, check_kv_cache
+from dist_ptq.model.arch import ArchSpec
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.fingerprint import model_fingerprint, sha256_file
 from dist_ptq.quant.expert_stats import MIN_EXPERT_TOKENS
 from dist_ptq.quant.observers import LayerStats, merge_layer_stats
-from dist_ptq.quant.schemes import kv_scheme
 from dist_ptq.runtime import stats_io
 from dist_ptq.runtime.activations import default_budget, parse_bytes
 from dist_ptq.runtime.layer_result import LayerResult
@@ -292,7 +291,6 @@ def _check_recipe(cfg: PTQConfig, spec: ArchSpec, schedule: Schedule | str, tp: 
     sched = resolve_schedule(cfg, schedule)
     warn_unmatched(cfg, spec.module_names())
     warn_loader_support(cfg)
-    check_kv_cache(spec, any(kv_scheme(cfg, spec.layer_prefix(i)) is not None for i in range(spec.num_layers)))
     if tp is not None:
         tp_export.check_config(spec, cfg, tp)
     check_group_sizes(spec, cfg)

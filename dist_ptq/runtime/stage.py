@@ -287,7 +287,7 @@ class StageWorker:
         else:  # a committed layer in the sequential schedule: its float pass runs while measuring
             cur.float_linear = float_from_stored(cur.stored)
         wq = layer_weights_for(cur.ql, cur.tensors)  # AWQ may have changed float tensors (norms)
-        cur.measure = (wq, one_linear_at_a_time(cur.ql, wq), fake_kv(cur.ql, self.spec.num_kv_heads, self.spec.head_dim))
+        cur.measure = (wq, one_linear_at_a_time(cur.ql, wq), fake_kv(cur.ql, self.spec.cache_heads))
 
     def measure(self, layer: int, batch: int) -> np.ndarray:
         """Per-sample error of the quantized layer on micro-batch ``batch``; in the sequential schedule
