@@ -345,40 +345,54 @@ def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = No
     if "7b" in shapes:
         shutil.rmtree(out, ignore_errors=True)
         runs["7b layer-major" + tag] = {**run_child(model=str(m7), out=str(out), **common), "commit": head_commit(),
-                                        "batch": batch}
+                                        "batch": batch, "model_bytes": model_bytes(m7), "layers7b": layers7b}
         print(f"7b: {runs['7b layer-major' + tag]['seconds']:.1f}s", flush=True)
     m1 = ensure_model(work, "tinyllama-1.1b", "tinyllama-1.1b")
     trees = [("layer-major", ROOT)] + ([(f"baseline {baseline}", baseline_tree(baseline))] if baseline else [])
     for label, code in trees if "1.1b" in shapes else []:  # side by side, one after the other, same inputs
         shutil.rmtree(out, ignore_errors=True)
         runs[f"1.1b {label}{tag}"] = {**run_child(code=code, model=str(m1), out=str(out), **common),
-                                      "commit": head_commit(code), "batch": batch}
+                                      "commit": head_commit(code), "batch": batch, "model_bytes": model_bytes(m1)}
         print(f"1.1b {label}: {runs[f'1.1b {label}{tag}']['seconds']:.1f}s", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     recorded = RESULTS / "runner_calibrated.json"
     if (set(shapes) != {"7b", "1.1b"} or tag) and recorded.exists():  # a partial run keeps the other records
         runs = {**json.loads(recorded.read_text())["runs"], **runs}
-    sizes = {"1.1b": model_bytes(m1), "7b": model_bytes(m7)}
-    rows = []
-    for key, r in runs.items():
-        shape = key.split()[0]
-        label = f"{shape} ({layers7b} layers)" if shape == "7b" and layers7b else shape
-        reader, rchar, storage = _bytes_read_row(r, sizes[shape])
-        rss = ", ".join(f"{x / 1024:.2f}" for x in r["worker_peak_rss_mb"])
-        rows.append(f"| {label} | {key.split(' ', 1)[1]} ({r.get('commit', '?')}) | {r.get('batch', 4)} | {sizes[shape] / 1e9:.1f} GB | {rss} | "
-                    f"{r['driver_peak_rss_mb'] / 1024:.2f} | {r['seconds']:.0f} | {reader:.3f} | {rchar:.3f} | {storage:.3f} |\n")
     ratio = None
     if baseline and "1.1b" in shapes:
         ratio = runs["1.1b layer-major" + tag]["seconds"] / runs[f"1.1b baseline {baseline}{tag}"]["seconds"]
+    data = {"model_bytes": {"1.1b": model_bytes(m1), "7b": model_bytes(m7)}, "layers7b": layers7b, "runs": runs,
+            "wall_ratio_vs_baseline": ratio, "baseline": baseline}
+    save("calibrated", data, render_calibrated(data))
+
+
+def rerender_calibrated() -> None:
+    data = json.loads((RESULTS / "runner_calibrated.json").read_text())
+    save("calibrated", data, render_calibrated(data))
+
+
+def render_calibrated(data: dict) -> str:
+    """The Markdown of runner_calibrated.json: each run with the model it ran on (a record from an
+    earlier invocation keeps its own size and depth)."""
+    rows = []
+    for key, r in data["runs"].items():
+        shape = key.split()[0]
+        depth = r.get("layers7b", data.get("layers7b")) if shape == "7b" else None
+        label = f"{shape} ({depth} layers)" if depth else shape
+        size = r.get("model_bytes", data["model_bytes"][shape])
+        reader, rchar, storage = _bytes_read_row(r, size)
+        rss = ", ".join(f"{x / 1024:.2f}" for x in r["worker_peak_rss_mb"])
+        rows.append(f"| {label} | {key.split(' ', 1)[1]} ({r.get('commit', '?')}) | {r.get('batch', 4)} | {size / 1e9:.1f} GB | {rss} | "
+                    f"{r['driver_peak_rss_mb'] / 1024:.2f} | {r['seconds']:.0f} | {reader:.3f} | {rchar:.3f} | {storage:.3f} |\n")
     md = ("W8A8 SmoothQuant + KV int8, 2 workers (2 pipeline stages, one core each), 16 × 256 calibration "
           "tokens in micro-batches of `batch` samples. Bytes read ÷ model size, summed over the workers: by the checkpoint "
           "reader (tensor bytes), and from `/proc/self/io` (`rchar`: every read call, libraries included; "
           "`read_bytes`: what reached the disk, less what the page cache served).\n\n"
           "| shape | code | batch | model | worker peak RSS (GB) | driver peak RSS (GB) | wall (s) | reader bytes ÷ model | "
           "rchar ÷ model | disk read_bytes ÷ model |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|\n" + "".join(rows))
-    if ratio is not None:
-        md += f"\n1.1B wall time, layer-major ÷ baseline {baseline} (same invocation): {ratio:.2f}\n"
-    save("calibrated", {"model_bytes": sizes, "runs": runs, "wall_ratio_vs_baseline": ratio, "baseline": baseline}, md)
+    if data.get("wall_ratio_vs_baseline") is not None:
+        md += f"\n1.1B wall time, layer-major ÷ baseline {data['baseline']} (same invocation): {data['wall_ratio_vs_baseline']:.2f}\n"
+    return md
 
 
 def main() -> None:
@@ -393,6 +407,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", choices=["7b", "1.1b"], default=["7b", "1.1b"],
                     help="calibrated: which shapes to run; the other keeps its recorded figures")
     ap.add_argument("--batch", type=int, default=4, help="calibrated: samples per micro-batch (16 samples in all)")
+    ap.add_argument("--render", action="store_true", help="calibrated: print the table of the recorded figures again")
     ap.add_argument("--moe-shapes", nargs="+", choices=list(MOE_SHAPES), default=list(MOE_SHAPES),
                     help="moe: which shapes to run; the others keep their recorded figures")
     args = ap.parse_args()
@@ -400,7 +415,8 @@ def main() -> None:
     {"memory": lambda: bench_memory(args.work), "speedup": lambda: bench_speedup(args.work, args.layers),
      "compute": lambda: bench_compute(args.work),
      "scaling": lambda: bench_scaling(args.work, args.hidden or [1024, 2048], args.configs),
-     "calibrated": lambda: bench_calibrated(args.work, args.baseline, args.layers7b, tuple(args.shapes), args.batch),
+     "calibrated": lambda: rerender_calibrated() if args.render else
+                           bench_calibrated(args.work, args.baseline, args.layers7b, tuple(args.shapes), args.batch),
      "moe": lambda: bench_moe(args.work, args.moe_shapes)}[args.what]()
 
 
