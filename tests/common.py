@@ -33,3 +33,14 @@ def float64_model(directory: Path, cfg: dict, seed: int):
     configure_mindspore()
     ckpt = Checkpoint(write_random_model(directory, cfg, seed=seed, dtype="F32"))
     return cfg, ckpt, {n: ckpt.get(n).astype(np.float64) for n in ckpt.spec.all_shapes()}
+
+
+def float_logits(ckpt, ids, max_len: int = 16):
+    """Logits of the MindSpore float forward, layer by layer through FloatSource."""
+    from dist_ptq.model.layer_source import FloatSource
+
+    src = FloatSource(ckpt, max_len)
+    x = src.embed(ids)
+    for i in range(ckpt.spec.num_layers):
+        x = src.layer(i)(x)
+    return src.logits(x).asnumpy()

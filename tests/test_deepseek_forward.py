@@ -13,14 +13,14 @@ from dist_ptq.eval.verify import verify
 from dist_ptq.model.arch import REPLICATED, check_tensor_parallel, expert_groups, spec_from_config
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.forward import decoder_layer, float_linear, mla_attention, to_tensor
-from dist_ptq.model.layer_source import FloatSource, Rope
+from dist_ptq.model.layer_source import Rope
 from dist_ptq.model.routing import grouped_topk, route
 from dist_ptq.model.safetensors_io import SafetensorsFile, write_safetensors
 from dist_ptq.model.synthetic import (deepseek_v3_shaped_config, qwen3_30b_a3b_shaped_config, tiny_config,
                                       tiny_deepseek_config, write_random_model)
 from dist_ptq.runtime.coordinator import quantize
 from tests import numpy_reference as ref
-from tests.common import CONFIGS, ROOT, float64_model, rel_err
+from tests.common import CONFIGS, ROOT, float64_model, float_logits, rel_err
 
 ASSETS = ROOT / "dist_ptq" / "assets" / "tiny-llama"
 
@@ -111,11 +111,7 @@ def test_mla_attention_matches_numpy_reference(model):
 def test_model_logits_match_numpy_reference(model):
     cfg, ckpt, weights = model
     ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], size=(2, 10))
-    src = FloatSource(ckpt, 16)
-    x = src.embed(ids)
-    for i in range(ckpt.spec.num_layers):
-        x = src.layer(i)(x)
-    assert rel_err(src.logits(x).asnumpy(), ref.model_logits(weights, cfg, ids)) < 3e-5
+    assert rel_err(float_logits(ckpt, ids), ref.model_logits(weights, cfg, ids)) < 3e-5
 
 
 def test_grouped_routing_matches_reference_and_groups_and_bias_matter():

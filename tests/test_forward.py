@@ -5,10 +5,10 @@ import pytest
 
 from dist_ptq.model.arch import spec_from_config
 from dist_ptq.model.forward import decoder_layer, to_tensor
-from dist_ptq.model.layer_source import FloatSource, Rope
+from dist_ptq.model.layer_source import Rope
 from dist_ptq.model.synthetic import tiny_config
 from tests import numpy_reference as ref
-from tests.common import float64_model, rel_err
+from tests.common import float64_model, float_logits, rel_err
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -53,13 +53,7 @@ def test_layer_matches_numpy_reference(model):
 def test_model_logits_match_numpy_reference(model):
     cfg, ckpt, weights = model
     ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], size=(2, 20))
-    src = FloatSource(ckpt, 32)
-    x = src.embed(ids)
-    for i in range(ckpt.spec.num_layers):
-        x = src.layer(i)(x)
-    got = src.logits(x).asnumpy()
-    want = ref.model_logits(weights, cfg, ids)
-    assert rel_err(got, want) < 3e-5
+    assert rel_err(float_logits(ckpt, ids, 32), ref.model_logits(weights, cfg, ids)) < 3e-5
 
 
 def test_llama3_scaling_changes_low_frequencies_only():

@@ -6,11 +6,11 @@ import pytest
 
 from dist_ptq.model.arch import expert_groups, spec_from_config
 from dist_ptq.model.forward import decoder_layer, to_tensor
-from dist_ptq.model.layer_source import FloatSource, Rope
+from dist_ptq.model.layer_source import Rope
 from dist_ptq.model.routing import route
 from dist_ptq.model.synthetic import tiny_moe_config
 from tests import numpy_reference as ref
-from tests.common import float64_model, rel_err
+from tests.common import float64_model, float_logits, rel_err
 
 CASES = {
     "qwen2_moe-shared": tiny_moe_config("qwen2_moe", mlp_only_layers=[0]),  # layer 0 dense, layer 1 MoE
@@ -59,11 +59,7 @@ def test_moe_layer_matches_numpy_reference_and_routes_alike(model):
 def test_moe_model_logits_match_numpy_reference(model):
     cfg, ckpt, weights = model
     ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], size=(2, 10))
-    src = FloatSource(ckpt, 16)
-    x = src.embed(ids)
-    for i in range(ckpt.spec.num_layers):
-        x = src.layer(i)(x)
-    assert rel_err(src.logits(x).asnumpy(), ref.model_logits(weights, cfg, ids)) < 3e-5
+    assert rel_err(float_logits(ckpt, ids), ref.model_logits(weights, cfg, ids)) < 3e-5
 
 
 def test_dense_and_sparse_layers_follow_the_config():
