@@ -135,6 +135,27 @@ def swiglu(lin, gate, up, down, h):
     return lin(down, silu(lin(gate, h)) * lin(up, h))
 
 
+def routed_experts(w: dict, h: np.ndarray, route, experts: str, names: tuple[str, str, str], shared,
+                   routes: list | None) -> np.ndarray:
+    """Σ over the experts ``route(t)`` chooses of weight · expert(t), plus ``shared(lin, t)``, one token
+    at a time; ``routes`` collects each token's (experts, weights)."""
+
+    def lin(name, t):
+        return t @ w[name + ".weight"].T
+
+    out = np.zeros_like(h)
+    for b, s in np.ndindex(h.shape[:2]):
+        t = h[b, s]
+        chosen, weights = route(t)
+        if routes is not None:
+            routes.append((chosen, weights))
+        for e, v in zip(chosen, weights):
+            out[b, s] += v * swiglu(lin, *(f"{experts}.{e}.{n}" for n in names), t)
+        if shared is not None:
+            out[b, s] += shared(lin, t)
+    return out
+
+
 def sparse_block(w: dict, cfg: dict, h: np.ndarray, block: str, routes: list | None) -> np.ndarray:
     """HF Qwen2MoeSparseMoeBlock / Qwen3MoeSparseMoeBlock / MixtralSparseMoeBlock, one token at a time."""
     mixtral = block == "block_sparse_moe"
@@ -142,32 +163,21 @@ def sparse_block(w: dict, cfg: dict, h: np.ndarray, block: str, routes: list | N
     k = cfg["num_experts_per_tok"]
     renorm = True if mixtral else cfg.get("norm_topk_prob", False)
 
-    def lin(name, t):
-        return t @ w[name + ".weight"].T
+    def route(t):
+        logits = w[block + ".gate.weight"] @ t
+        p = np.exp(logits - logits.max())
+        p = p / p.sum()
+        chosen = sorted(range(len(p)), key=lambda e: -p[e])[:k]
+        weights = [p[e] for e in chosen]
+        return chosen, [v / sum(weights) for v in weights] if renorm else weights
 
-    B, S, H = h.shape
-    out = np.zeros_like(h)
-    for b in range(B):
-        for s in range(S):
-            t = h[b, s]
-            logits = w[block + ".gate.weight"] @ t
-            p = np.exp(logits - logits.max())
-            p = p / p.sum()
-            chosen = sorted(range(len(p)), key=lambda e: -p[e])[:k]
-            weights = [p[e] for e in chosen]
-            if renorm:
-                weights = [v / sum(weights) for v in weights]
-            if routes is not None:
-                routes.append((chosen, weights))
-            for e, v in zip(chosen, weights):
-                pre = f"{block}.experts.{e}."
-                out[b, s] += v * swiglu(lin, pre + names[0], pre + names[1], pre + names[2], t)
-            if block + ".shared_expert.gate_proj.weight" in w:
-                pre = block + ".shared_expert."
-                sh = swiglu(lin, pre + "gate_proj", pre + "up_proj", pre + "down_proj", t)
-                gate = 1 / (1 + np.exp(-(w[block + ".shared_expert_gate.weight"] @ t)))
-                out[b, s] += sh * gate
-    return out
+    def shared(lin, t):  # Qwen2-MoE: the shared expert times sigmoid(shared_expert_gate · t)
+        pre = block + ".shared_expert."
+        gate = 1 / (1 + np.exp(-(w[block + ".shared_expert_gate.weight"] @ t)))
+        return swiglu(lin, pre + "gate_proj", pre + "up_proj", pre + "down_proj", t) * gate
+
+    has_shared = block + ".shared_expert.gate_proj.weight" in w
+    return routed_experts(w, h, route, block + ".experts", names, shared if has_shared else None, routes)
 
 
 def rotate_pairs(x: np.ndarray, pos: int, freqs: np.ndarray, interleave: bool, factor: float) -> np.ndarray:
@@ -244,24 +254,11 @@ def noaux_tc(w: dict, cfg: dict, t: np.ndarray) -> tuple[list, list]:
 def deepseek_moe(w: dict, cfg: dict, h: np.ndarray, routes: list | None) -> np.ndarray:
     """HF DeepseekV3MoE, one token at a time: routed experts plus the ungated shared experts."""
 
-    def lin(name, t):
-        return t @ w[name + ".weight"].T
+    def shared(lin, t):
+        return swiglu(lin, "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj", t)
 
-    B, S, H = h.shape
-    out = np.zeros_like(h)
-    for b in range(B):
-        for s in range(S):
-            t = h[b, s]
-            chosen, weights = noaux_tc(w, cfg, t)
-            if routes is not None:
-                routes.append((chosen, weights))
-            for e, v in zip(chosen, weights):
-                pre = f"mlp.experts.{e}."
-                out[b, s] += v * swiglu(lin, pre + "gate_proj", pre + "up_proj", pre + "down_proj", t)
-            if cfg.get("n_shared_experts"):
-                out[b, s] += swiglu(lin, "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
-                                    "mlp.shared_experts.down_proj", t)
-    return out
+    return routed_experts(w, h, lambda t: noaux_tc(w, cfg, t), "mlp.experts", ("gate_proj", "up_proj", "down_proj"),
+                          shared if cfg.get("n_shared_experts") else None, routes)
 
 
 def model_logits(weights: dict, cfg: dict, ids: np.ndarray) -> np.ndarray:
