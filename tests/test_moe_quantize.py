@@ -184,24 +184,72 @@ def test_a_data_free_layer_is_written_in_parts_while_it_is_quantized(env, monkey
     from dist_ptq.export import stream
 
     whole, _ = run(env, "whole", CONFIGS / "w8a16_rtn.yaml")
-    written = []  # (part files on disk, tensors quantized so far) each time a part is written
-    real = stream.write_shard
+    written = []  # ("write", part file, synced) as each part is written, ("fsync", part file) as it is synced
+    real_write, real_fsync = stream.StreamedShard._write, stream.fsync_file
 
-    def spy(partial, fname, tensors, *a):
-        written.append(fname)
-        return real(partial, fname, tensors, *a)
+    def spy(self, fname, sync):
+        written.append(("write", fname, sync))
+        return real_write(self, fname, sync)
+
+    def synced(path):
+        written.append(("fsync", path.name, True))
+        real_fsync(path)
 
     monkeypatch.setattr(stream, "PART_BYTES", 16 << 10)
-    monkeypatch.setattr(stream, "write_shard", spy)
+    monkeypatch.setattr(stream.StreamedShard, "_write", spy)
+    monkeypatch.setattr(stream, "fsync_file", synced)
     parts, _ = run(env, "parts", CONFIGS / "w8a16_rtn.yaml")
-    layer1 = [f for f in written if "-00003-of-" in f]
-    assert len(layer1) > 3 and layer1[-1].endswith("-00003-of-00004.safetensors")  # the shard's own name last
+    layer1 = [(kind, f, sync) for kind, f, sync in written if "-00003-of-" in f]
+    writes = [f for kind, f, _ in layer1 if kind == "write"]
+    assert len(writes) > 3 and writes[-1].endswith("-00003-of-00004.safetensors")  # the shard's own name last
+    # the parts are written unsynced, then every one is fsynced before the shard's own name is written (synced)
+    assert [sync for kind, _, sync in layer1 if kind == "write"] == [False] * (len(writes) - 1) + [True]
+    assert [(kind, f) for kind, f, _ in layer1[len(writes) - 1:-1]] == [("fsync", f) for f in sorted(writes[:-1])]
     assert len(list(parts.glob("*.safetensors"))) > len(list(whole.glob("*.safetensors")))
     a, b = tensors_of(whole), tensors_of(parts)
     assert set(a) == set(b) and all(np.array_equal(a[n], b[n]) for n in a)
     index = json.loads((parts / "model.safetensors.index.json").read_text())["weight_map"]
     assert set(index) == set(b) and all((parts / f).is_file() for f in index.values())
     assert verify(parts) == []
+
+
+def test_streamed_parts_have_the_bytes_write_shard_gives(tmp_path):
+    """Each part file equals write_shard of the tensors that filled it (split where the next tensor
+    would pass part_bytes), for model-dtype floats, int8 and packed int4 tensors."""
+    from dist_ptq.export.stream import StreamedShard
+    from dist_ptq.export.unified import part_name, write_shard
+
+    rng = np.random.default_rng(4)
+    items = []
+    for e in range(6):
+        items += [(f"experts.{e}.w.weight", rng.integers(-127, 128, size=(64, 96)).astype(np.int8), False, e % 2 == 0),
+                  (f"experts.{e}.w.weight_scale", rng.standard_normal(64).astype(np.float32), True, False),
+                  (f"experts.{e}.w.deq_scale", rng.standard_normal(64).astype(np.float32), False, False)]
+    fname, part_bytes = "quant-model-00002-of-00003.safetensors", 16 << 10
+    (tmp_path / "s").mkdir()
+    shard = StreamedShard(tmp_path / "s", fname, "BF16", "model.layers.0.mlp.", part_bytes=part_bytes)
+    for name, a, mdt, int4 in items:
+        shard.add(name, a, mdt, int4)
+    wm = shard.close()
+    groups, used = [[]], 0
+    for name, a, mdt, _ in items:
+        size = a.nbytes // 2 if mdt else a.nbytes
+        if groups[-1] and used + size > part_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    assert len(groups) > 2
+    files = [part_name(fname, k) for k in range(1, len(groups))] + [fname]
+    assert sorted(set(wm.values())) == sorted(files)
+    (tmp_path / "w").mkdir()
+    by = {n: (a, mdt, int4) for n, a, mdt, int4 in items}
+    for group, f in zip(groups, files):
+        p = "model.layers.0.mlp."
+        write_shard(tmp_path / "w", f, {p + n: by[n][0] for n in group}, {p + n for n in group if by[n][1]},
+                    {p + n for n in group if by[n][2]}, "BF16")
+        assert (tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes(), f
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_file()) == sorted(files)
 
 
 def test_deploy_directory_describes_every_tensor_and_keeps_the_router_float(env):

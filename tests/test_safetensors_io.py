@@ -656,3 +656,22 @@ def test_fuzz_index_only_checkpoint_errors_escape(text):
                 mf.validate_all()
         except CheckpointError as exc:
             assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("tag", ["BF16", "F16", "F32"])
+def test_nonfinite_count_counts_every_nan_and_inf_across_chunks(tag):
+    from dist_ptq.model.checkpoint import nonfinite_count
+    from dist_ptq.model.safetensors_io import float32_to_bf16_bits
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(5000).astype(np.float32) * 1e4  # large finite values: exponent bits near the mask
+    x[[0, 17, 999, 1000, 4999]] = [np.nan, np.inf, -np.inf, -np.nan, np.inf]
+    if tag == "F16":
+        x = np.clip(x, -6e4, 6e4, where=np.isfinite(x), out=x.copy())
+    stored = {"BF16": lambda v: float32_to_bf16_bits(v), "F16": lambda v: v.astype(np.float16).view(np.uint16),
+              "F32": lambda v: v}[tag](x)
+    for chunk in (7, 1000, 1 << 18):
+        assert nonfinite_count(stored, tag, chunk) == 5
+        assert nonfinite_count(stored[1:999], tag, chunk) == 1
+    assert nonfinite_count(stored[:0], tag) == 0
+

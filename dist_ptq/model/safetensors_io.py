@@ -352,6 +352,13 @@ class SafetensorsFile:
             return bf16_bits_to_float32(raw)
         return raw.astype(np.float32, copy=False)
 
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes now (a hint, no wait), so that a read of
+        it after other work finds them in the page cache: one worker then reads while it computes."""
+        e = self._entry(name)
+        if self._fh is not None and e.end > e.begin and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fh.fileno(), self._data_start + e.begin, e.end - e.begin, os.POSIX_FADV_WILLNEED)
+
     def _read(self, e: _Entry) -> np.ndarray:
         """A private copy of one tensor by a positioned read. Unlike the mapping, this leaves no file
         pages mapped into the process, so a worker's resident memory follows the tensor in flight."""
@@ -548,6 +555,10 @@ class ModelFiles:
             self.on_read(name)
         return f.get(name)
 
+    def prefetch(self, name: str) -> None:
+        """Start reading ``name`` in the background (:meth:`SafetensorsFile.prefetch`); not a read."""
+        self._file(name).prefetch(name)
+
     def get_copy(self, name: str) -> np.ndarray:
         """A private copy of the tensor as stored (BF16 as uint16 bits), no mapping left behind."""
         f = self._file(name)
@@ -587,6 +598,7 @@ def write_safetensors(
     tensors: Mapping[str, np.ndarray],
     metadata: Mapping[str, str] | None = None,
     dtypes: Mapping[str, str] | None = None,
+    sync: bool = True,
 ) -> None:
     """Write ``tensors`` to ``path`` atomically and deterministically.
 
@@ -596,7 +608,8 @@ def write_safetensors(
     must match the tag (e.g. ``np.uint16`` bits as ``"BF16"``, packed int4 as ``"I8"``). Otherwise
     the tag follows the numpy dtype (bool, u8/i8, i16/u16, i32/u32, i64, f16, f32, f64); other dtypes
     are refused. ``metadata`` (str -> str) goes into ``__metadata__``; ``None`` omits it.
-    Data goes to ``PATH.tmp``, is fsynced, then renamed over ``PATH``.
+    Data goes to ``PATH.tmp``, is fsynced, then renamed over ``PATH``. ``sync=False`` skips both
+    fsyncs, for a caller that syncs the file (:func:`fsync_file`) before anything records it as done.
     """
     path = os.fspath(path)
     dtypes = dict(dtypes or {})
@@ -649,13 +662,25 @@ def write_safetensors(
             for data in blobs:
                 fh.write(data.data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    if sync:
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file written with ``sync=False`` to disk (its rename is made durable by the next
+    synced write into the same directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: str) -> None:

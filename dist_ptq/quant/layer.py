@@ -16,7 +16,7 @@ then GPTQ (Hessian diag(1/s) H diag(1/s) when smoothed) or RTN with the clip rat
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -40,7 +40,7 @@ from dist_ptq.quant.smooth import smooth_scale
 Sink = Callable[[str, np.ndarray, bool], None]
 _EMPTY = np.empty(0, np.float32)
 
-__all__ = ["QuantizedLayer", "QuantLinear", "Recovery", "check_group_size", "quantize_layer", "round_to_dtype"]
+__all__ = ["QuantizedLayer", "QuantLinear", "Recovery", "check_group_size", "quantize_layer", "read_order", "round_to_dtype"]
 
 
 def round_to_dtype(a: np.ndarray, tag: str) -> np.ndarray:
@@ -167,6 +167,14 @@ def check_group_size(linear: str, ic: int, group_size: int) -> None:
             f"{linear} has {ic} input channels, not a multiple of group_size {group_size}; expected a "
             "group_size dividing every quantized linear's input (or per_channel, or blacklist the layer)"
         )
+
+
+def read_order(layer: LayerSpec, names: Iterable[str]) -> list[str]:
+    """The order :func:`quantize_layer` reads a layer's tensors in when every linear is quantized:
+    the readers of each input in turn (weight, then bias), then the float tensors by name."""
+    names = set(names)
+    first = [t for members in layer.input_groups.values() for m in members for t in (m + ".weight", m + ".bias") if t in names]
+    return first + sorted(names - set(first))
 
 
 def quantize_layer(

@@ -33,7 +33,7 @@ from dist_ptq.model.layer_source import Rope
 from dist_ptq.model.safetensors_io import DTYPES, SafetensorsFile, bf16_bits_to_float32
 from dist_ptq.quant.expert_stats import resolve_expert_stats
 from dist_ptq.quant.fake import fake_kv, fake_linear, layer_weights_for
-from dist_ptq.quant.layer import QuantizedLayer, quantize_layer
+from dist_ptq.quant.layer import QuantizedLayer, quantize_layer, read_order
 from dist_ptq.quant.observers import LayerStats
 from dist_ptq.quant.rebuild import layer_aux, rebuild_layer
 from dist_ptq.runtime import cpu_pin
@@ -330,7 +330,12 @@ class StageWorker:
             if i in self.committed:
                 results.append(self._resumed(i))
                 continue
-            weights = self.ckpt.layer_lazy(i) if merged is None else self.ckpt.layer(i)
+            if merged is None:
+                prefix = self.spec.layer_prefix(i)
+                order = read_order(self.spec.layer(i), (n[len(prefix):] for n in self.spec.layer_shapes(i)))
+                weights = self.ckpt.layer_lazy(i, order)
+            else:
+                weights = self.ckpt.layer(i)
             result, _ = self._quantize_and_write(i, None if merged is None else merged[i], weights, stream=True)
             result.seconds = time.time() - t0
             results.append(result)
