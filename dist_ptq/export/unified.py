@@ -23,8 +23,8 @@ import numpy as np
 
 from dist_ptq.config import PTQConfig
 from dist_ptq.errors import OutputError
+from dist_ptq.export import digests
 from dist_ptq.export.loaders import deploy_config
-from dist_ptq.model.fingerprint import sha256_file
 from dist_ptq.model.safetensors_io import SafetensorsFile, float32_to_bf16_bits, write_safetensors
 from dist_ptq.model.side_files import copy_side_files
 
@@ -107,9 +107,10 @@ def write_shard(
     int4_names: set[str],
     model_dtype: str,
     stored: Mapping[str, str] | None = None,
+    sync: bool = True,
 ) -> dict[str, str]:
     """Write one shard; returns its part of the index (name → file). ``stored`` names tensors that
-    are already encoded (name → dtype tag), written byte for byte.
+    are already encoded (name → dtype tag), written byte for byte; ``sync`` as :func:`write_safetensors`.
 
     Over ``MAX_SHARD_BYTES`` of tensor data the shard is written as parts (:func:`part_name`), the
     later ones first, so that ``filename`` (what a layer commit records) exists only once all do."""
@@ -128,7 +129,7 @@ def write_shard(
         meta = {"format": "ms"}
         meta.update({n: "Int4" for n in sorted(int4_names) if n in names})
         write_safetensors(partial / fname, {n: arrays[n] for n in names}, metadata=meta,
-                          dtypes={n: tags[n] for n in names if n in tags})
+                          dtypes={n: tags[n] for n in names if n in tags}, sync=sync)
         out.update({n: fname for n in names})
     return out
 
@@ -147,6 +148,7 @@ def renumber_shards(partial: Path, weight_map: Mapping[str, str]) -> dict[str, s
     new = {f: f"{parsed[f]['prefix']}-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
     for old, name in new.items():  # every final name carries the new count, so none is an old name
         os.replace(partial / old, partial / name)
+        digests.move(partial, old, name)
     return {n: new[f] for n, f in weight_map.items()}
 
 
@@ -178,6 +180,7 @@ def finish(
     write_json_atomic(partial / RECORD, record)
     write_json_atomic(partial / REPORT, report)
     write_manifest(partial)
+    digests.drop(partial)
     replace_dir(partial, out)
 
 
@@ -207,13 +210,14 @@ def replace_dir(partial: Path, out: Path) -> None:
 
 
 def write_manifest(root: Path) -> None:
-    """sha256 of every file under root (sha256sum format, sorted paths); written last."""
+    """sha256 of every file under root (sha256sum format, sorted paths); written last. A shard
+    hashed as it was written is not read again (export/digests.py)."""
     lines = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(root).as_posix()
-        if rel.startswith("layers/") or rel.endswith(".tmp"):
+        if rel.startswith(("layers/", digests.LEDGER + "/")) or rel.endswith(".tmp"):
             continue
-        lines.append(f"{sha256_file(path)}  {rel}\n")
+        lines.append(f"{digests.lookup(root, rel)}  {rel}\n")
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text("".join(lines), encoding="utf-8")
     os.replace(tmp, root / MANIFEST)

@@ -34,7 +34,7 @@ from ray.exceptions import RayActorError
 from dist_ptq.calib.data import make_samples, token_ids
 from dist_ptq.config import OutliersSuppressionType, PrecisionRecovery, PTQConfig, PTQMode, load_yaml, warn_unmatched
 from dist_ptq.errors import CalibrationError, ConfigError
-from dist_ptq.export import commit, unified
+from dist_ptq.export import commit, digests, unified
 from dist_ptq.export import tp as tp_export
 from dist_ptq.export.loaders import warn_loader_support
 from dist_ptq.model.arch import ArchSpec
@@ -453,11 +453,12 @@ def quantize(
         hand_on_quantized=sched is Schedule.SEQUENTIAL,
     )
     first = "calibrating" if data.batches else sched.value
-    results, globs, placement, resumed = _run_with_restarts(
-        settings, stages, replicas, sched, data, address, placement_timeout_s, max_restarts,
-        lambda: Progress(stages, first, enabled=progress, tokens_per_batch=batch * seq_len,
-                         steps_per_layer=2 * len(data.batches)),
-    )
+    with digests.BackgroundHasher(partial):  # the manifest's hashing, done while the workers write
+        results, globs, placement, resumed = _run_with_restarts(
+            settings, stages, replicas, sched, data, address, placement_timeout_s, max_restarts,
+            lambda: Progress(stages, first, enabled=progress, tokens_per_batch=batch * seq_len,
+                             steps_per_layer=2 * len(data.batches)),
+        )
     commit.clear(partial)
     weight_map, description, act_params, reports = _collect(results, globs, spec.num_layers)
 
