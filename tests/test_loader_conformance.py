@@ -13,6 +13,10 @@ and the checks must reject deliberately wrong tensors.
   ``a8dynw8.py@53cc4865``, ``a8dynw4.py@04be3abc``, ``quantization/utils.py@88010422``
   (get_quant_config), ``models/qwen3/utils.py@4841f423`` (weight_mapping), ``gpt_model.py@08de7ba9``.
 - Golden Stick's own export: the description vocabulary of ``mindspore_gs/ptq/utils.py@0c314c07``.
+
+The MoE section at the end does the same for routed experts, shared experts, routers and DeepSeek-V3's
+MLA on real outputs of a Qwen3-MoE, a DeepSeek-V3 and the bundled Qwen2-MoE (docs/formats.md, "MoE
+experts"), against ``loaders.accepting(cfg, spec)``.
 """
 
 from __future__ import annotations
@@ -198,9 +202,9 @@ MF_LAYERS = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_pr
              "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
 
 
-def mf_convert(name: str) -> str:
-    """GoldenStickConfig.convert_name (weight_mapping, then the quantization renames)."""
-    for hf, mcore in MF_WEIGHT_MAPPING:
+def mf_convert(name: str, mapping=MF_WEIGHT_MAPPING) -> str:
+    """GoldenStickConfig.convert_name (the model's weight_mapping, then the quantization renames)."""
+    for hf, mcore in mapping:
         if hf in name:
             name = name.replace(hf, mcore)
     for old, new in (("model.tok_embeddings.embedding_weight", "embedding.word_embeddings.weight"),
@@ -210,7 +214,7 @@ def mf_convert(name: str) -> str:
     return name
 
 
-def mf_full_config(view: View) -> tuple[dict | None, list[str]]:
+def mf_full_config(view: View, mapping=MF_WEIGHT_MAPPING) -> tuple[dict | None, list[str]]:
     """get_quant_config: exactly one description file, merged over config.json's quantization_config."""
     quantization = view.config.get("quantization")
     if quantization not in ("ascend", "golden-stick"):
@@ -222,7 +226,7 @@ def mf_full_config(view: View) -> tuple[dict | None, list[str]]:
     full = dict(view.config.get("quantization_config") or {})
     full.update(view.description)
     full["quantization"] = quantization
-    return {mf_convert(k): v for k, v in full.items()}, []
+    return {mf_convert(k, mapping): v for k, v in full.items()}, []
 
 
 def mf_strategy(full: dict, prefix: str) -> str | None:
@@ -231,6 +235,22 @@ def mf_strategy(full: dict, prefix: str) -> str | None:
             prefix = prefix.replace(fused, first)
             break
     return next((v for k, v in full.items() if prefix in k), None)
+
+
+MF_READ = ("weight", "deq_scale", "quant_bias", "input_scale", "input_offset", "w_scale", "bias")
+
+
+def mf_want(kind: str, oc: int, ic: int, params_dtype: str, modelslim: bool) -> list[tuple[str, str, tuple]]:
+    """The parameters a dense (not grouped) linear method creates: (name, dtype, shape)."""
+    scale_dtype = "BF16" if params_dtype == "BF16" else "F32"
+    if kind == "FLOAT":
+        return [("weight", params_dtype, (oc, ic))]
+    if kind == "W8A8":  # A8W8LinearMethod (per-tensor scale and beta when modelslim)
+        return [("weight", "I8", (oc, ic)), ("deq_scale", "F32", (oc,)), ("quant_bias", "I32", (oc,)),
+                ("input_scale", params_dtype, (1,) if modelslim else (ic,)),
+                ("input_offset", params_dtype if modelslim else "I8", (1,) if modelslim else (ic,))]
+    # A8W8DynamicLinearMethod; A8W4DynamicLinearMethod when dense (not a GroupedMLP): an int8 (oc, ic) weight
+    return [("weight", "I8", (oc, ic)), ("w_scale", scale_dtype, (oc,))]
 
 
 def mf_loads(view: View) -> list[str]:
@@ -256,23 +276,11 @@ def mf_loads(view: View) -> list[str]:
                 continue
             if kind == "W4A8_DYNAMIC" and not (isinstance(full.get("group_size"), int) and full["group_size"] > 0):
                 problems.append(f"ValueError: group_size should >=0 but group_size is : {full.get('group_size')}")
-            scale_dtype = "BF16" if view.params_dtype == "BF16" else "F32"
             for part in parts:
                 hf = f"model.layers.{i}.{'self_attn' if group == 'self_attention' else 'mlp'}.{part}"
                 name, (oc, ic) = mf_convert(hf + ".weight")[: -len(".weight")], view.dims(hf)
-                read |= {f"{name}.{s}" for s in ("weight", "deq_scale", "quant_bias", "input_scale", "input_offset",
-                                                 "w_scale", "bias")}
-                if kind == "FLOAT":
-                    want = [("weight", view.params_dtype, (oc, ic))]
-                elif kind == "W8A8":  # A8W8LinearMethod (per-tensor scale and beta when modelslim)
-                    want = [("weight", "I8", (oc, ic)), ("deq_scale", "F32", (oc,)), ("quant_bias", "I32", (oc,)),
-                            ("input_scale", view.params_dtype, (1,) if modelslim else (ic,)),
-                            ("input_offset", view.params_dtype if modelslim else "I8", (1,) if modelslim else (ic,))]
-                elif kind == "W8A8_DYNAMIC":  # A8W8DynamicLinearMethod, dense
-                    want = [("weight", "I8", (oc, ic)), ("w_scale", scale_dtype, (oc,))]
-                else:  # A8W4DynamicLinearMethod, dense (not a GroupedMLP): an int8 (oc, ic) weight
-                    want = [("weight", "I8", (oc, ic)), ("w_scale", scale_dtype, (oc,))]
-                for suffix, dtype, shape in want:
+                read |= {f"{name}.{s}" for s in MF_READ}
+                for suffix, dtype, shape in mf_want(kind, oc, ic, view.params_dtype, modelslim):
                     problems += expect(view, tensors, f"{name}.{suffix}", dtype, shape)
     problems += unread(view, sorted(n for n in view.tensors if mf_convert(n) not in read), "MindFormers golden-stick")
     return problems + kv_unread(view, "MindFormers golden-stick")
@@ -415,3 +423,361 @@ def test_config_json_rejections(w8a8):
     dense_a8w4 = mutated(w8a8, lambda v: (v.description.update({n: "W4A8_DYNAMIC" for n in v.description if ".mlp." in n}),
                                           v.config["quantization_config"].update(group_size=0)))
     assert any("group_size" in p for p in mf_loads(dense_a8w4))
+
+
+# ---- MoE models: routed experts, shared experts, routers, DeepSeek-V3's MLA -----------------------
+#
+# Rebuilt from (docs/formats.md, "MoE experts"):
+# - vLLM-MindSpore native: models/registry.py@0b5fc80e (_NATIVE_MODELS), models/qwen3_moe.py@26625875 and
+#   models/deepseekv3.py@34c3ac59 (the router a ReplicatedLinear without quant_config, DeepSeek's shared
+#   experts built without quant_config, kv_b_proj split into kv_b_proj_k / kv_b_proj_v, load_weights),
+#   layers/fused_moe/layer.py@01054670 (FusedMoE asserts a FusedMoEMethodBase), golden_stick.py@f3cbf1ac.
+# - MindFormers mcore: mindspore-ai/mindformers models/qwen3_moe/utils.py@d0011436 and models/deepseek3/
+#   utils.py@ba46ab85 (weight_mapping), base_models/gpt/gpt_model.py@0c674b04 (load_weights),
+#   transformer/moe/router.py@f8ee7545, transformer/multi_latent_attention.py@266cdbdc; mindspore-lab/
+#   mindformers inference/weights_utils.py@6a2cb2f4 (make_expert_params_mapping), transformer/moe/
+#   experts.py@1ac20add (GroupedMLP), tensor_parallel/grouped_layers.py@165dfdf7 (the grouped weight_loaders),
+#   quantization/golden_stick/config.py@b4f30790, a8dynw8.py@53cc4865, a8dynw4.py@04be3abc, a8w8.py@53cc4865.
+
+MF_MOE_MAPPING = {
+    "qwen3_moe": [  # Qwen3MoePreTrainedModel.weight_mapping
+        ("model.embed_tokens.", "embedding.word_embeddings."), (".self_attn.q_proj.", ".self_attention.linear_q."),
+        (".self_attn.k_proj.", ".self_attention.linear_k."), (".self_attn.v_proj.", ".self_attention.linear_v."),
+        (".self_attn.o_proj.", ".self_attention.linear_proj."), (".self_attn.q_norm.", ".self_attention.q_layernorm."),
+        (".self_attn.k_norm.", ".self_attention.k_layernorm."), (".gate.weight", ".router.weight"),
+        (".gate_proj.", ".gating."), (".down_proj.", ".linear_fc2."), (".up_proj.", ".hidden."),
+        (".post_attention_layernorm.", ".pre_mlp_layernorm."), ("model.norm.", "decoder.final_layernorm."),
+        ("lm_head.", "output_layer."), ("model.layers.", "decoder.layers."),
+    ],
+    "deepseek_v3": [  # DeepseekV3PreTrainedModel.weight_mapping, less its MTP-layer (61) entries
+        ("model.embed_tokens.", "embedding.word_embeddings."),
+        (".self_attn.q_a_proj.", ".self_attention.linear_q_down_proj."),
+        (".self_attn.q_a_layernorm.", ".self_attention.q_layernorm."),
+        (".self_attn.q_b_proj.", ".self_attention.linear_q_up_proj."),
+        (".self_attn.kv_a_proj_with_mqa.", ".self_attention.linear_kv_down_proj."),
+        (".self_attn.kv_a_layernorm.", ".self_attention.kv_layernorm."),
+        (".self_attn.kv_b_proj.", ".self_attention.linear_kv_up_proj."),
+        (".self_attn.o_proj.", ".self_attention.linear_proj."), (".mlp.gate_proj.", ".mlp.gating."),
+        (".mlp.down_proj.", ".mlp.linear_fc2."), (".mlp.up_proj.", ".mlp.hidden."), (".gate.weight", ".router.weight"),
+        (".gate.e_score_correction_bias", ".router.expert_bias"),
+        (".mlp.shared_experts.gate_proj.", ".mlp.shared_experts.gating."),
+        (".mlp.shared_experts.up_proj.", ".mlp.shared_experts.hidden."),
+        (".mlp.shared_experts.down_proj.", ".mlp.shared_experts.linear_fc2."), (".gate_proj.", ".gating."),
+        (".down_proj.", ".linear_fc2."), (".up_proj.", ".hidden."),
+        (".post_attention_layernorm.", ".pre_mlp_layernorm."), ("model.norm.", "decoder.final_layernorm."),
+        ("lm_head.", "output_layer."), ("model.layers.", "decoder.layers."),
+    ],
+}
+MF_FIRST_OF_FUSED = ((".linear_k", ".linear_q"), (".linear_v", ".linear_q"), (".hidden", ".gating"),
+                     (".linear_kv_down_proj", ".linear_q_down_proj"))  # mapping_rules: a fused layer's key part
+VLLM_NATIVE_ARCHS = {"Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"}  # the MoE entries of _NATIVE_MODELS
+ARCH_OF = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",  # when config.json names none
+           "deepseek_v3": "DeepseekV3ForCausalLM", "mixtral": "MixtralForCausalLM"}
+FLOATS = ("BF16", "F16", "F32")
+
+
+@dataclass
+class MoE:
+    """What the loaders build for an MoE config (from config.json alone): sparse layers, expert sizes, and
+    every other linear (attention, dense MLPs, shared experts) with its (oc, ic)."""
+
+    family: str
+    experts: int
+    ffn: int
+    hidden: int
+    sparse: list[int]
+    linears: dict[str, tuple[int, int]]
+
+    @classmethod
+    def of(cls, c: dict) -> MoE:
+        family, h, layers = c["model_type"], c["hidden_size"], c["num_hidden_layers"]
+        deepseek = family == "deepseek_v3"
+        if deepseek:
+            e, sparse = c["n_routed_experts"], [i for i in range(layers) if i >= c["first_k_dense_replace"]
+                                                and i % c["moe_layer_freq"] == 0]
+            shared = ("shared_experts", c["moe_intermediate_size"] * c["n_shared_experts"])
+        else:
+            e, sparse = c["num_experts"], [i for i in range(layers) if i not in c.get("mlp_only_layers", [])
+                                           and (i + 1) % c.get("decoder_sparse_step", 1) == 0]
+            fs = c.get("shared_expert_intermediate_size") or 0
+            shared = ("shared_expert", fs) if fs else None
+        linears = {}
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            if deepseek:
+                heads, nope, rope, v = (c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
+                                        c["v_head_dim"])
+                linears |= {p + "self_attn.q_a_proj": (c["q_lora_rank"], h),
+                            p + "self_attn.q_b_proj": (heads * (nope + rope), c["q_lora_rank"]),
+                            p + "self_attn.kv_a_proj_with_mqa": (c["kv_lora_rank"] + rope, h),
+                            p + "self_attn.kv_b_proj": (heads * (nope + v), c["kv_lora_rank"]),
+                            p + "self_attn.o_proj": (h, heads * v)}
+            else:
+                d = c.get("head_dim") or h // c["num_attention_heads"]
+                q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+                linears |= {p + "self_attn.q_proj": (q, h), p + "self_attn.k_proj": (kv, h),
+                            p + "self_attn.v_proj": (kv, h), p + "self_attn.o_proj": (h, q)}
+            mlp, f = (f"mlp.{shared[0]}.", shared[1]) if i in sparse and shared else ("mlp.", c["intermediate_size"])
+            if i not in sparse or shared:
+                linears |= {p + mlp + "gate_proj": (f, h), p + mlp + "up_proj": (f, h), p + mlp + "down_proj": (h, f)}
+        return cls(family, e, c["moe_intermediate_size"], h, sparse, linears)
+
+
+def router_problems(view: View, moe: MoE, i: int, params: tuple[str, str]) -> list[str]:
+    """The router and DeepSeek's e_score_correction_bias, which both loaders create as float parameters with
+    no quantization method (``params``: their names there) and cast from the checkpoint: a quantized
+    router would be read as its raw int8 values."""
+    p = f"model.layers.{i}.mlp.gate."
+    want = [(p + "weight", params[0], (moe.experts, moe.hidden))]
+    if moe.family == "deepseek_v3":
+        want.append((p + "e_score_correction_bias", params[1], (moe.experts,)))
+    out = []
+    for hf, param, shape in want:
+        got = view.tensors.get(hf)
+        if got is None:
+            out.append(f"{param}: not in the checkpoint ({hf}); the router keeps its initial value")
+        elif got[0] not in FLOATS or got[1] != shape:
+            out.append(f"{param}: {got[0]} {list(got[1])} ({hf}); the router parameter is float {list(shape)}")
+    return out
+
+
+def vllm_moe_loads(view: View) -> list[str]:
+    """vLLM-MindSpore's native MoE models under GoldenStickConfig."""
+    moe, c = MoE.of(view.config), view.config
+    arch = (c.get("architectures") or [ARCH_OF.get(moe.family, moe.family)])[0]
+    if moe.sparse and arch not in VLLM_NATIVE_ARCHS:
+        return [f"{arch}: no native model (_NATIVE_MODELS); the MindFormers backend is the other loader"]
+    problems = []
+    for i in moe.sparse:
+        p = f"model.layers.{i}.mlp."
+        kind = vllm_strategy(view.description, p + "experts")  # FusedMoE(prefix=...mlp.experts)
+        method = {"FLOAT": "UnquantizedLinearMethod", "W8A8": "A8W8LinearMethod",
+                  "W8A8S": "A8W8SCLinearMethod"}.get(kind)
+        problems.append(f"AssertionError: FusedMoE({p}experts): GoldenStickConfig.get_quant_method gives {method}, "
+                        f"not a FusedMoEMethodBase" if method else
+                        f"ValueError: Unsupported quantization strategy: {kind} for layer {p}experts.")
+        problems += router_problems(view, moe, i, (p + "gate.weight", p + "gate.e_score_correction_bias"))
+        if moe.family == "deepseek_v3":  # DeepseekV3MLP(prefix=...shared_experts) gets no quant_config
+            for name, (oc, ic) in moe.linears.items():
+                if name.startswith(p + "shared_experts."):
+                    problems += expect(view, view.tensors, name + ".weight", view.params_dtype, (oc, ic))
+    for name in moe.linears:
+        # kv_b_proj_k / kv_b_proj_v match no description key (FLOAT); load_weights reshapes every tensor
+        # named kv_b_proj to (heads, nope + v, -1), and decode uses kv_b_proj_k.weight as the absorb matrix
+        if name.endswith(".kv_b_proj") and view.description.get(name + ".weight", "FLOAT") != "FLOAT":
+            problems.append(f"{name}: {view.description[name + '.weight']}; kv_b_proj_k / kv_b_proj_v are FLOAT "
+                            f"parameters whose weight the absorbed attention uses directly")
+    return problems
+
+
+def mf_grouped_strategy(full: dict, prefix: str) -> str | None:
+    """get_quant_method for a GroupedMLP (prefix ...mlp.experts) and its linear_fc1 / linear_fc2: the fused
+    fc1 looked up as .mlp.experts.gating; expert ids dropped from the keys when the prefix has 'experts.'."""
+    prefix = prefix.replace(".mlp.experts.linear_fc1", ".mlp.experts.gating")
+    for key, value in full.items():
+        if "experts." in prefix:
+            key = re.sub(r"experts\.\d+", "experts", key)
+        if prefix in key:
+            return value
+    return None
+
+
+def mf_expert_want(kind: str, part: str, f: int, h: int, g: int) -> list[tuple[str, str, tuple]]:
+    """What the grouped weight_loaders take for one expert's linear (before they transpose it into the
+    (E, ic, oc) parameter): W8A8_DYNAMIC an int8 (oc, ic) weight and (oc,) w_scale; W4A8_DYNAMIC int4 pairs
+    along oc, (oc/2, ic), and uint64 (oc, ic/g) scales holding float32 bits."""
+    oc, ic = (f, h) if part in ("gating", "hidden") else (h, f)
+    if kind == "W8A8_DYNAMIC":
+        return [("weight", "I8", (oc, ic)), ("w_scale", None, (oc,))]
+    return [("weight", "I8", (oc // 2, ic)), ("w_scale", "U64", (oc, ic // g if g else 0))]
+
+
+def mf_moe_loads(view: View) -> list[str]:
+    """MindFormers' mcore MoE models (Qwen3-MoE, DeepSeek-V3) under its golden-stick config."""
+    moe = MoE.of(view.config)
+    mapping = MF_MOE_MAPPING.get(moe.family)
+    if mapping is None:
+        return [f"{moe.family}: no MindFormers mcore model (weight_mapping) found in the stored source"]
+    full, problems = mf_full_config(view, mapping)
+    if full is None:
+        return problems
+    modelslim = full["quantization"] != "golden-stick"
+    tensors = {mf_convert(n, mapping): t for n, t in view.tensors.items()}
+    read = set()
+    for hf, (oc, ic) in moe.linears.items():  # dense layers of the mcore model
+        name = mf_convert(hf + ".weight", mapping)[: -len(".weight")]
+        lookup = name
+        for part, first in MF_FIRST_OF_FUSED:
+            if lookup.endswith(part):
+                lookup = lookup[: -len(part)] + first
+        kind = mf_strategy(full, lookup)
+        if kind is None:
+            problems.append(f"ValueError: for this layer: {lookup} No corresponding matching quantization strategy")
+            continue
+        if kind != "FLOAT" and kind not in MF_METHODS:
+            problems.append(f"KeyError: {kind!r} (QUANTIZATION_METHOD_MAPPING) for layer {lookup}")
+            continue
+        if hf.endswith(".kv_b_proj") and kind != "FLOAT":  # MLASelfAttention.process_weights_after_loading
+            problems.append(f"{name}: {kind}; its weight is split into q_absorb / out_absorb for float matmuls")
+        read |= {f"{name}.{s}" for s in MF_READ}
+        for suffix, dtype, shape in mf_want(kind, oc, ic, view.params_dtype, modelslim):
+            problems += expect(view, tensors, f"{name}.{suffix}", dtype, shape)
+    scale_dtype = "BF16" if view.params_dtype == "BF16" else "F32"
+    for i in moe.sparse:
+        p = f"decoder.layers.{i}.mlp."
+        read |= {p + "router.weight", p + "router.expert_bias"}
+        problems += router_problems(view, moe, i, (p + "router.weight", p + "router.expert_bias"))
+        kinds = {mf_grouped_strategy(full, p + "experts" + s) for s in ("", ".linear_fc1", ".linear_fc2")}
+        if len(kinds) != 1:
+            problems.append(f"{p}experts: GroupedMLP and its linear_fc1 / linear_fc2 get {sorted(map(str, kinds))}")
+            continue
+        kind = kinds.pop()
+        if kind not in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
+            why = {None: "ValueError: no matching quantization strategy",
+                   "FLOAT": "UnquantizedLinearMethod has no grouped variant (create_weights(layer=None) fails)",
+                   "W8A8": "A8W8LinearMethod has no grouped variant (a 2-D weight, apply takes no group_list)"}
+            problems.append(f"{p}experts: {kind}: {why.get(kind, f'KeyError: {kind!r} (QUANTIZATION_METHOD_MAPPING)')}")
+            continue
+        g = full.get("group_size") if kind == "W4A8_DYNAMIC" else 1
+        if not (isinstance(g, int) and g > 0):
+            problems.append(f"ValueError: group_size should >=0 but group_size is : {g}")
+            g = 0
+        for e in range(moe.experts):  # make_expert_params_mapping: experts.{e}.{part}. per expert id
+            for part in ("gating", "hidden", "linear_fc2"):
+                base = f"{p}experts.{e}.{part}"
+                read |= {f"{base}.{s}" for s in ("weight", "w_scale")}
+                for suffix, dtype, shape in mf_expert_want(kind, part, moe.ffn, moe.hidden, g):
+                    problems += expect(view, tensors, f"{base}.{suffix}", dtype or scale_dtype, shape)
+    problems += unread(view, sorted(n for n in view.tensors if mf_convert(n, mapping) not in read),
+                       "MindFormers golden-stick")
+    return problems + kv_unread(view, "MindFormers golden-stick")
+
+
+MOE_CHECKS = {loaders.VLLM_MINDSPORE.name: vllm_moe_loads, loaders.MINDFORMERS.name: mf_moe_loads}
+DYNAMIC = {"version": 1, "weight_quant_dtype": "int8", "act_quant_dtype": "int8", "act_quant_granularity": "per_token"}
+A8W4_EXPERTS = {**DYNAMIC, "layer_policies": {r"mlp\.experts\.\d+\.(gate|up|down)_proj$": {
+                    "weight_quant_dtype": "int4", "weight_quant_granularity": "per_group", "group_size": 64}}}
+FLOAT_KV_B = {**DYNAMIC, "opname_blacklist": ["self_attn.kv_b_proj"]}
+MOE_CASES = {  # name: (model, recipe); "qwen2_moe" is the bundled tiny-moe
+    "qwen3_moe-w8a8_dynamic": ("qwen3_moe", "w8a8_dynamic"),
+    "qwen3_moe-w8a8_smoothquant": ("qwen3_moe", "w8a8_smoothquant"),
+    "qwen3_moe-a8w4_experts": ("qwen3_moe", A8W4_EXPERTS),
+    "deepseek_v3-w8a8_dynamic": ("deepseek_v3", "w8a8_dynamic"),
+    "deepseek_v3-w8a8_dynamic_float_kv_b": ("deepseek_v3", FLOAT_KV_B),
+    "deepseek_v3-w8a8_smoothquant": ("deepseek_v3", "w8a8_smoothquant"),
+    "qwen2_moe-w8a8_dynamic": ("qwen2_moe", "w8a8_dynamic"),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_outputs(env):
+    from dist_ptq.model.arch import load_spec
+    from dist_ptq.model.synthetic import tiny_deepseek_config, tiny_moe_config
+
+    root = env["root"]
+    qwen3 = tiny_moe_config("qwen3_moe", moe_intermediate_size=128)  # f 128: an A8W4 down_proj takes groups of 64
+    models = {"qwen3_moe": write_random_model(root / "moe-qwen3", qwen3, seed=11),
+              "deepseek_v3": write_random_model(root / "moe-deepseek", tiny_deepseek_config(), seed=11),
+              "qwen2_moe": ROOT / "dist_ptq" / "assets" / "tiny-moe"}
+    out = {}
+    for name, (model, recipe) in MOE_CASES.items():
+        path = ROOT / "configs" / f"{recipe}.yaml"
+        if isinstance(recipe, dict):
+            path = root / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(recipe))
+        engine.quantize(models[model], path, root / f"moe-out-{name}", calib=env["calib"], num_samples=N_SAMPLES,
+                        seq_len=SEQ_LEN, progress=False)
+        out[name] = {"cfg": load_yaml(path), "spec": load_spec(models[model]),
+                     "view": View.read(root / f"moe-out-{name}")}
+    return out
+
+
+VERDICTS = {  # spelled out: which loader reads which MoE output (the table in docs/formats.md)
+    "qwen3_moe-w8a8_dynamic": [loaders.MINDFORMERS.name],
+    "deepseek_v3-w8a8_dynamic_float_kv_b": [loaders.MINDFORMERS.name],
+}
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_outputs_are_read_exactly_where_export_loaders_says(moe_outputs, case):
+    o = moe_outputs[case]
+    said = [l.name for l in loaders.accepting(o["cfg"], o["spec"])]
+    assert said == VERDICTS.get(case, []), case
+    for name, check in MOE_CHECKS.items():
+        problems = check(o["view"])
+        assert (not problems) == (name in said), (case, name, problems[:4])
+    if not said:
+        msg = loaders.loader_support_warning(o["cfg"], o["spec"])
+        assert msg is not None and "\n" not in msg and o["spec"].family in msg
+
+
+def test_moe_names_are_per_expert_hf_names_with_float_routers(moe_outputs):
+    """What both expert mappings read: experts.{e}.{gate,up,down}_proj per expert (no stacked tensor), the
+    router and Qwen2-MoE's shared_expert_gate float, DeepSeek's e_score_correction_bias F32 (E,)."""
+    for case, o in moe_outputs.items():
+        v, moe = o["view"], MoE.of(o["view"].config)
+        assert not [n for n in v.tensors if re.search(r"\.experts\.(gate_up_proj|down_proj|gate_proj|up_proj)\b", n)]
+        for i in moe.sparse:
+            p = f"model.layers.{i}.mlp."
+            for e in range(moe.experts):
+                for part in ("gate_proj", "up_proj", "down_proj"):
+                    assert v.tensors[f"{p}experts.{e}.{part}.weight"][0] in ("I8", "BF16"), (case, e, part)
+            assert v.tensors[p + "gate.weight"] == (v.params_dtype, (moe.experts, moe.hidden)), case
+            assert v.description[p + "gate.weight"] == "FLOAT"
+            if moe.family == "qwen2_moe":
+                assert v.tensors[p + "shared_expert_gate.weight"] == (v.params_dtype, (1, moe.hidden))
+                assert v.description[p + "shared_expert_gate.weight"] == "FLOAT"
+            if moe.family == "deepseek_v3":
+                assert v.tensors[p + "gate.e_score_correction_bias"] == ("F32", (moe.experts,))
+
+
+def test_moe_warning_without_spec_is_the_dense_one(moe_outputs):
+    """The architecture rules apply only when the caller passes the model; the recipe-only warning stands."""
+    o = moe_outputs["qwen3_moe-w8a8_smoothquant"]
+    assert loaders.loader_support_warning(o["cfg"]) is None
+    msg = loaders.loader_support_warning(o["cfg"], o["spec"])
+    assert msg.startswith("no serving loader reads this recipe's output on this qwen3_moe model")
+    assert "routed experts W8A8 (grouped layers read W8A8_DYNAMIC only)" in msg
+    assert "FusedMoE asserts a FusedMoEMethodBase" in msg
+    ds = moe_outputs["deepseek_v3-w8a8_dynamic"]
+    msg = loaders.loader_support_warning(ds["cfg"], ds["spec"])
+    assert "kv_b_proj W8A8_DYNAMIC (its weight is used unquantized)" in msg
+
+
+def test_moe_warn_loader_support_passes_the_spec(moe_outputs, recwarn):
+    o = moe_outputs["qwen3_moe-w8a8_dynamic"]
+    assert loaders.warn_loader_support(o["cfg"], o["spec"]) is None and len(recwarn) == 0
+    bad = moe_outputs["qwen3_moe-w8a8_smoothquant"]
+    msg = loaders.warn_loader_support(bad["cfg"], bad["spec"])
+    assert [str(w.message) for w in recwarn] == [msg]
+
+
+E0 = "model.layers.0.mlp.experts.0."  # the qwen3_moe model here: h 64, f 128, 8 experts
+MOE_NEGATIVE = {
+    "router-int8": lambda v: v.tensors.__setitem__("model.layers.0.mlp.gate.weight", ("I8", (8, 64))),
+    "router-missing": lambda v: v.tensors.pop("model.layers.0.mlp.gate.weight"),
+    "expert-w_scale-missing": lambda v: v.tensors.pop(E0 + "up_proj.weight_scale"),
+    "expert-weight-transposed": lambda v: v.tensors.__setitem__(E0 + "gate_proj.weight", ("I8", (64, 128))),
+    "expert-w_scale-per-tensor": lambda v: v.tensors.__setitem__(E0 + "down_proj.weight_scale", ("BF16", (1,))),
+    "experts-w8a8": lambda v: v.description.update({n: "W8A8" for n in v.description if ".mlp.experts." in n}),
+    "expert-smooth_scale": lambda v: v.tensors.__setitem__(E0 + "gate_proj.smooth_scale", ("F32", (64,))),
+}
+
+
+@pytest.mark.parametrize("edit", list(MOE_NEGATIVE), ids=list(MOE_NEGATIVE))
+def test_mf_moe_check_rejects_a_wrong_expert_or_router(moe_outputs, edit):
+    view = moe_outputs["qwen3_moe-w8a8_dynamic"]["view"]
+    assert mf_moe_loads(view) == []
+    problems = mf_moe_loads(mutated(view, MOE_NEGATIVE[edit]))
+    assert problems and any("layers.0." in p for p in problems), (edit, problems)
+
+
+def test_mf_moe_check_rejects_a_quantized_kv_b_proj(moe_outputs):
+    view = moe_outputs["deepseek_v3-w8a8_dynamic_float_kv_b"]["view"]
+    assert mf_moe_loads(view) == [] and vllm_moe_loads(view)
+    kv = "model.layers.1.self_attn.kv_b_proj."
+    quantized = mutated(view, lambda v: (
+        v.description.update({kv + "weight": "W8A8_DYNAMIC", kv + "weight_scale": "W8A8_DYNAMIC"}),
+        v.tensors.update({kv + "weight": ("I8", (112, 24)), kv + "weight_scale": ("BF16", (112,))})))
+    assert any("linear_kv_up_proj: W8A8_DYNAMIC" in p for p in mf_moe_loads(quantized))
+    assert any("kv_b_proj: W8A8_DYNAMIC" in p for p in vllm_moe_loads(quantized))

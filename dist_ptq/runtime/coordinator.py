@@ -290,7 +290,7 @@ def _check_recipe(cfg: PTQConfig, spec: ArchSpec, schedule: Schedule | str, tp: 
     """Everything that can be refused before reading a weight: schedule, TP split, group sizes, --stats."""
     sched = resolve_schedule(cfg, schedule)
     warn_unmatched(cfg, spec.module_names())
-    warn_loader_support(cfg)
+    warn_loader_support(cfg, spec)
     if tp is not None:
         tp_export.check_config(spec, cfg, tp)
     check_group_sizes(spec, cfg)
