@@ -2,7 +2,14 @@
 
     python bench/vs_llmcompressor.py [--out bench/results/vs_llmcompressor.md]
     python bench/vs_llmcompressor.py --models bundled "harder variant" --recipes w4a16_rtn_g128 w4a16_gptq_g128
+    python bench/vs_llmcompressor.py --recipes w4a16_rtn_per_channel w4a16_gptq_per_channel --cross-check ''
+    python bench/vs_llmcompressor.py --recipes kv_int8 w8a8_smoothquant_kv_int8 --cross-check ''
     python bench/vs_llmcompressor.py --render bench/results/vs_llmcompressor.json   # the tables again from saved figures
+
+A run merges into the JSON beside ``--out`` when one is there: the figures it measured (per model: the
+float perplexities, each recipe's row and grid row, the cross-check) replace the saved ones, everything
+else (other recipes, other models, the note) is kept; the saved run must have the same settings
+(samples, seq-len, tokens, threads) and package versions. ``--replace`` writes only this run's figures.
 
 Needs a second virtual environment with torch (CPU build), transformers and llmcompressor, by default
 ``.venv-bench`` beside ``.venv`` (``--bench-python`` names another interpreter); without it the script
@@ -24,6 +31,10 @@ What it does, per model (the bundled one and its function-preserving outlier var
 * A cross-check of the two evaluators on one recipe (``--cross-check``): dist_ptq's output with
   ``backend: none`` (dequantized float weights) scored in torch, and LLM Compressor's fake-quantized
   weights written as a float checkpoint scored by dist_ptq.
+* KV cache int8 (``kv_int8``, ``w8a8_smoothquant_kv_int8``): dist_ptq's static per-channel C8 against
+  LLM Compressor's ``kv_cache_scheme`` (static symmetric int8, one scale per KV head), each scored with its
+  KV quantization in the forward; the LLM Compressor side reports whether its ``QuantizedKVCache`` acted in
+  the evaluation (``kv_check``), and a row where it did not is shown as not comparable.
 * The int4 grid alone (unless ``--no-grid-check``): dist_ptq's W4A16 recipes again with int4 scale
   absmax/7.5, compressed-tensors' grid, patched into the child process (``patch_int4_grid``), to tell
   the grid from the GPTQ solver (issue 17).
@@ -45,20 +56,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = ROOT / "bench" / "llmcompressor_side.py"
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-RECIPES = ["w4a16_rtn_g128", "w4a16_gptq_g128", "w4a16_gptq_actorder_g128", "w8a8_smoothquant", "w8a8_smoothquant_gptq"]
+RECIPES = ["w4a16_rtn_g128", "w4a16_gptq_g128", "w4a16_gptq_actorder_g128", "w4a16_rtn_per_channel",
+           "w4a16_gptq_per_channel", "w8a8_smoothquant", "w8a8_smoothquant_gptq", "kv_int8",
+           "w8a8_smoothquant_kv_int8"]
 MODELS = ("bundled", "outlier variant", "harder variant")
 # the baseline each recovery recipe's "gap recovered" is measured against (on each tool's own figures)
 BASELINE = {"w4a16_gptq_g128": "w4a16_rtn_g128", "w4a16_gptq_actorder_g128": "w4a16_rtn_g128",
-            "w8a8_smoothquant_gptq": "w8a8_smoothquant"}
+            "w4a16_gptq_per_channel": "w4a16_rtn_per_channel", "w8a8_smoothquant_gptq": "w8a8_smoothquant"}
 DIFFERENCES = """\
 ## What differs between the two tools (settings and defaults)
 
-Matched on purpose: the same token ids for calibration and evaluation; group 128, symmetric int4, block
-size 128, damping 0.01 × mean(diag H) on both sides; act-order off (`w4a16_gptq_g128`, LLM Compressor
-`actorder=None`) and on (`w4a16_gptq_actorder_g128`, `actorder="static"`: columns by descending diag(H),
-group scales from the original weight, as dist_ptq's `desc_act + static_groups`); `lm_head` left float;
-both calibrate layer by layer on the outputs of the already quantized layers (LLM Compressor's sequential
-pipeline with `propagate_error`); one thread per quantizing process.
+Matched on purpose: the same token ids for calibration and evaluation; symmetric int4 in groups of 128
+(`*_g128`, LLM Compressor's `W4A16` preset) or per output channel (`*_per_channel`, that preset's weights
+with `strategy="channel"`), block size 128, damping 0.01 × mean(diag H) on both sides; act-order off
+(`w4a16_gptq_g128` and `w4a16_gptq_per_channel`, LLM Compressor `actorder=None`) and on
+(`w4a16_gptq_actorder_g128`, `actorder="static"`: columns by descending diag(H), group scales from the
+original weight, as dist_ptq's `desc_act + static_groups`); `lm_head` left float; both calibrate layer by
+layer on the outputs of the already quantized layers (LLM Compressor's sequential pipeline with
+`propagate_error`); one thread per quantizing process.
 
 Left as each tool does it:
 
@@ -66,9 +81,10 @@ Left as each tool does it:
   scale = absmax/((qmax − qmin)/2) = absmax/7.5, clamped to [−8, 7], so all 16 levels are used, the step
   is 7% finer and a group's positive extreme is clipped from 7.5 to 7 steps. Int8 likewise: absmax/127 on
   [−127, 127] against absmax/127.5 on [−128, 127]. The "int4 grid alone" table reruns dist_ptq on that grid.
-* **Group scales without act-order.** dist_ptq (`static_groups: false`) takes a group's scale from the
-  weights as the sweep reaches it (earlier columns' updates applied); LLM Compressor 0.14 always takes
-  them up front from the original weights (its weight observer), with or without act-order.
+* **Group scales without act-order** (g128 only: per channel, both take each row's scale from the
+  original weight up front). dist_ptq (`static_groups: false`) takes a group's scale from the weights as
+  the sweep reaches it (earlier columns' updates applied); LLM Compressor 0.14 always takes them up front
+  from the original weights (its weight observer), with or without act-order.
 * **Hessian.** dist_ptq: float64 sums of xᵀx over tokens, divided by the token count; LLM Compressor:
   float32 sums of 2·xᵀx divided by the number of sequences (the scale cancels against the relative damping).
   A Hessian that will not factor: dist_ptq raises the damping ×10 (up to 6 times), LLM Compressor falls back
@@ -82,6 +98,16 @@ Left as each tool does it:
   under per-channel weight and per-tensor activation scales). The activation observer here is
   `static_minmax` (min/max over all calibration batches, as dist_ptq); LLM Compressor's default `minmax`
   is a moving average over batches.
+* **KV cache int8** (`kv_int8`: weights and activations float; `w8a8_smoothquant_kv_int8`: the W8A8
+  SmoothQuant recipe above plus the cache). Both static and symmetric, K taken after RoPE, V as projected,
+  scales from min/max over the whole calibration set (LLM Compressor: `observer="static_minmax"`, its default
+  `minmax` averages over batches). Granularity: dist_ptq one scale per cache channel (kv_heads·head_dim,
+  `k_scale` / `v_scale` of that length); compressed-tensors 0.19 takes only `tensor` or `attn_head` for K/V
+  (`channel` is refused for attention states), so LLM Compressor runs `attn_head`, one scale per KV head
+  (k_scale (kv_heads, 1, 1)). Grid: absmax/127 on [−127, 127] against absmax/127.5 on [−128, 127].
+  Scoring: dist_ptq's reference inference rounds K and V through its int8 grid before the attention;
+  LLM Compressor's `QuantizedKVCache` (a hook that replaces `past_key_values` in every attention call)
+  fake-quantizes them at `cache.update`, i.e. at the same point, in the torch forward of the oneshot model.
 * **Timing scope.** Both quantize calls include reading the model and writing the result (dist_ptq's deploy
   directory; LLM Compressor's compressed-tensors checkpoint); imports (MindSpore / torch + transformers +
   llmcompressor) are only in "to output". On a model this small fixed costs dominate: the ratios say little
@@ -109,6 +135,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "vs_llmcompressor.md")
     ap.add_argument("--note", default="", help="a paragraph for the Markdown (e.g. how busy the machine was); kept in the JSON")
     ap.add_argument("--render", type=Path, help="print and write the tables of a saved JSON instead of measuring")
+    ap.add_argument("--replace", action="store_true",
+                    help="write only this run's figures instead of merging them into the JSON beside --out")
     args = ap.parse_args()
     if args.render:
         saved = json.loads(args.render.read_text())
@@ -117,14 +145,61 @@ def main() -> int:
         write(saved, args.out)
         return 0
 
+    previous = None
+    if not args.replace and args.out.with_suffix(".json").is_file():
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+        if previous.get("note") and args.note:
+            previous["note"] = ""  # --note replaces the saved one
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         versions = bench_versions(args.bench_python, tmp)
         if versions is None:
             return 2
+        if previous is not None:  # refuse before measuring if the saved figures cannot take this run's
+            mismatch(previous, vars(args), {**versions, "dist_ptq": dist_ptq_version()})
         saved = measure(args, tmp, versions)
+    if previous is not None:
+        saved = merge(previous, saved)
     write(saved, args.out)
     return 0
+
+
+SETTINGS = ("num_samples", "seq_len", "max_tokens", "threads")
+
+
+def dist_ptq_version() -> str:
+    from dist_ptq.version import __version__
+
+    return __version__
+
+
+def mismatch(previous: dict, settings: dict, versions: dict) -> None:
+    """Exit (2) when the saved run's settings or package versions differ from this run's."""
+    diff = [f"{k}: saved {previous.get(k)!r}, now {settings[k]!r}" for k in SETTINGS if previous.get(k) != settings[k]]
+    diff += [f"{k}: saved {previous['versions'].get(k)!r}, now {v!r}" for k, v in versions.items()
+             if previous["versions"].get(k) != v]
+    if diff:
+        raise SystemExit("vs_llmcompressor: the saved JSON beside --out was measured differently ("
+                         + "; ".join(diff) + "); pass --replace to overwrite it or --out elsewhere")
+
+
+def merge(previous: dict, new: dict) -> dict:
+    """The saved figures with this run's in place of theirs: per model its float perplexities, each rerun
+    recipe's row and grid row, and the cross-check if one ran; other recipes, models and the note kept."""
+    out = {**previous, "cpus": new["cpus"], "note": new["note"] or previous.get("note", "")}
+    results = {lab: dict(r) for lab, r in previous["results"].items()}
+    for lab, r in new["results"].items():
+        old = results.setdefault(lab, {})
+        old["tokens"], old["float"] = r["tokens"], r["float"]
+        old["rows"] = {**old.get("rows", {}), **r["rows"]}
+        if "grid_7.5" in r:
+            old["grid_7.5"] = {**old.get("grid_7.5", {}), **r["grid_7.5"]}
+        if "cross_check" in r:
+            old["cross_check"] = r["cross_check"]
+    out["results"] = {lab: results[lab] for lab in MODELS if lab in results}
+    done = set(previous["recipes"]) | set(new["recipes"])
+    out["recipes"] = [r for r in RECIPES if r in done] + sorted(done - set(RECIPES))
+    return out
 
 
 def child_env(threads: int) -> dict:
@@ -254,6 +329,14 @@ def measure(args, tmp: Path, versions: dict) -> dict:
             ours["ppl"] = ppl_ours(out_ours)
             theirs = run_llmc(model, recipe, out_theirs, calib, evals, args, tmp)
             rows[recipe] = {"dist_ptq": ours, "llmcompressor": theirs}
+            kv = theirs.get("kv_check")
+            if kv is not None:
+                print(f"  {recipe:26s} LLM Compressor KV cache: {kv['with_k_v_scales']}/{kv['attention_modules']} "
+                      f"attention modules with k/v scales {kv['k_scale_shape']} ({kv['strategy']}), "
+                      f"{kv['cache_calls_that_changed_k_and_v']}/{kv['cache_calls_in_eval']} cache calls changed K and V "
+                      f"(rel. {kv['k_rel_change']:.2e} / {kv['v_rel_change']:.2e}), ppl with it off "
+                      f"{kv['ppl_kv_quant_off']:.4f}: {'applied' if kv['applied'] else 'NOT APPLIED (row not comparable)'}",
+                      flush=True)
             print(f"  {recipe:26s} ppl dist_ptq {ours['ppl']:8.4f}  llmcompressor {theirs['ppl']:8.4f}   "
                   f"quantize {ours['quantize_s']:6.1f}s / {theirs['quantize_save_s']:6.1f}s   "
                   f"peak RSS {ours['peak_rss_quant_bytes'] / 2**20:5.0f} / {theirs['peak_rss_quant_bytes'] / 2**20:5.0f} MiB",
@@ -357,7 +440,8 @@ def write(saved: dict, out: Path) -> None:
         "",
         "dist_ptq's output scored by its reference quantized inference (`dist-ptq eval`), LLM Compressor's "
         "fake-quantized model in torch; \"rec.\" = gap recovered = (ppl_base − ppl) / (ppl_base − ppl_float) on each "
-        "tool's own figures, base = its own W4A16 RTN g128 for GPTQ, its own W8A8 SmoothQuant for SmoothQuant + GPTQ.",
+        "tool's own figures, base = its own W4A16 RTN at the same granularity (g128 or per channel) for GPTQ, its own "
+        "W8A8 SmoothQuant for SmoothQuant + GPTQ.",
         "",
         "| recipe | " + " | ".join(f"{lab}: dist_ptq | rec. | LLM Compressor | rec." for lab in labels) + " |",
         "|---|" + "---:|---:|---:|---:|" * len(labels),
@@ -368,8 +452,14 @@ def write(saved: dict, out: Path) -> None:
         cells = []
         for lab in labels:
             rows, f = res[lab]["rows"], res[lab]["float"]
+            if recipe not in rows:
+                cells += [""] * 4
+                continue
+            theirs = rows[recipe]["llmcompressor"]
+            kv_off = "kv_check" in theirs and not theirs["kv_check"]["applied"]
             cells += [f"{rows[recipe]['dist_ptq']['ppl']:.3f}", recovered(rows, "dist_ptq", recipe, f["dist_ptq"]),
-                      f"{rows[recipe]['llmcompressor']['ppl']:.3f}", recovered(rows, "llmcompressor", recipe, f["torch"])]
+                      f"n/c ({theirs['ppl']:.3f}, KV not quantized)" if kv_off else f"{theirs['ppl']:.3f}",
+                      recovered(rows, "llmcompressor", recipe, f["torch"])]
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
 
     grid = [lab for lab in labels if res[lab].get("grid_7.5")]
@@ -381,10 +471,14 @@ def write(saved: dict, out: Path) -> None:
                   "| recipe | " + " | ".join(f"{lab}: dist_ptq absmax/7 | dist_ptq absmax/7.5 | rec. | LLM Compressor | rec."
                                            for lab in grid) + " |",
                   "|---|" + "---:|---:|---:|---:|---:|" * len(grid)]
-        for recipe in res[grid[0]]["grid_7.5"]:
+        gridded = {r for lab in grid for r in res[lab]["grid_7.5"]}
+        for recipe in [r for r in saved["recipes"] if r in gridded]:
             cells = []
             for lab in grid:
                 g, rows, f = res[lab]["grid_7.5"], res[lab]["rows"], res[lab]["float"]
+                if recipe not in g or recipe not in rows:
+                    cells += [""] * 5
+                    continue
                 rec = ""
                 if recipe in BASELINE and BASELINE[recipe] in g:
                     base = g[BASELINE[recipe]]["ppl"]
@@ -392,6 +486,28 @@ def write(saved: dict, out: Path) -> None:
                 cells += [f"{rows[recipe]['dist_ptq']['ppl']:.3f}", f"{g[recipe]['ppl']:.3f}", rec,
                           f"{rows[recipe]['llmcompressor']['ppl']:.3f}", recovered(rows, "llmcompressor", recipe, f["torch"])]
             lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+
+    kv_rows = [(lab, r) for lab in labels for r in saved["recipes"]
+               if "kv_check" in res[lab]["rows"].get(r, {}).get("llmcompressor", {})]
+    if kv_rows:
+        lines += ["", "## KV cache int8: is LLM Compressor's KV quantization in its evaluation?", "",
+                  "Recorded while LLM Compressor's perplexity above was measured (forward hooks that only look, on each "
+                  "attention module's `QuantizedKVCache`), then once more with the KV quantization switched off "
+                  "(`quantization_enabled = False` on the attention modules only). \"cache calls\" = calls that "
+                  "changed both K and V / all calls; rel. change = ‖K_q − K‖ / ‖K‖ (and V) over the evaluation. "
+                  "A row is \"applied\" when every check holds; otherwise the perplexity table marks it n/c.", "",
+                  "| model | recipe | LLMC strategy (observer) | attention modules with k/v scales | k_scale shape | "
+                  "cache calls | rel. change K / V | LLMC ppl, KV quant on | off | applied | dist_ptq ppl |",
+                  "|---|---|---|---:|---|---:|---|---:|---:|---|---:|"]
+        for lab, recipe in kv_rows:
+            row = res[lab]["rows"][recipe]
+            kv = row["llmcompressor"]["kv_check"]
+            lines.append(
+                f"| {lab} | {recipe} | {kv['strategy']} ({kv['observer']}) | {kv['with_k_v_scales']} / "
+                f"{kv['attention_modules']} | {tuple(kv['k_scale_shape'] or ())} | "
+                f"{kv['cache_calls_that_changed_k_and_v']} / {kv['cache_calls_in_eval']} | "
+                f"{kv['k_rel_change']:.2e} / {kv['v_rel_change']:.2e} | {row['llmcompressor']['ppl']:.4f} | "
+                f"{kv['ppl_kv_quant_off']:.4f} | {'yes' if kv['applied'] else '**no**'} | {row['dist_ptq']['ppl']:.4f} |")
 
     lines += ["", "## Wall time, CPU time and peak RSS of each quantization run", "",
               "quantize = the call in the child process: read the model, calibrate, quantize, write the output "
@@ -404,7 +520,7 @@ def write(saved: dict, out: Path) -> None:
               "to output (s) dist_ptq / LLMC | ratio | peak RSS (MiB) dist_ptq / LLMC | ratio | imports (MiB) |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lab in labels:
-        for recipe in saved["recipes"]:
+        for recipe in (r for r in saved["recipes"] if r in res[lab]["rows"]):
             o, t = (res[lab]["rows"][recipe][k] for k in ("dist_ptq", "llmcompressor"))
             lines.append(
                 f"| {lab} | {recipe} | {o['quantize_s']:.2f} / {t['quantize_save_s']:.2f} | "
