@@ -229,6 +229,17 @@ def mf_full_config(view: View, mapping=MF_WEIGHT_MAPPING) -> tuple[dict | None, 
     return {mf_convert(k, mapping): v for k, v in full.items()}, []
 
 
+def mf_method(full: dict, prefix: str, problems: list[str]) -> str | None:
+    """The strategy MindFormers takes for the layer ``prefix``, or None with the error it raises."""
+    kind = mf_strategy(full, prefix)
+    if kind is None:
+        problems.append(f"ValueError: for this layer: {prefix} No corresponding matching quantization strategy")
+    elif kind != "FLOAT" and kind not in MF_METHODS:
+        problems.append(f"KeyError: {kind!r} (QUANTIZATION_METHOD_MAPPING) for layer {prefix}")
+        kind = None
+    return kind
+
+
 def mf_strategy(full: dict, prefix: str) -> str | None:
     for fused, first in MF_FUSED:
         if fused in prefix:
@@ -267,12 +278,8 @@ def mf_loads(view: View) -> list[str]:
         for layer, parts in MF_LAYERS.items():
             group = "self_attention" if layer.startswith("linear_q") or layer == "linear_proj" else "mlp"
             prefix = f"decoder.layers.{i}.{group}.{layer}"
-            kind = mf_strategy(full, prefix)
+            kind = mf_method(full, prefix, problems)
             if kind is None:
-                problems.append(f"ValueError: for this layer: {prefix} No corresponding matching quantization strategy")
-                continue
-            if kind != "FLOAT" and kind not in MF_METHODS:
-                problems.append(f"KeyError: {kind!r} (QUANTIZATION_METHOD_MAPPING) for layer {prefix}")
                 continue
             if kind == "W4A8_DYNAMIC" and not (isinstance(full.get("group_size"), int) and full["group_size"] > 0):
                 problems.append(f"ValueError: group_size should >=0 but group_size is : {full.get('group_size')}")
@@ -610,12 +617,8 @@ def mf_moe_loads(view: View) -> list[str]:
         for part, first in MF_FIRST_OF_FUSED:
             if lookup.endswith(part):
                 lookup = lookup[: -len(part)] + first
-        kind = mf_strategy(full, lookup)
+        kind = mf_method(full, lookup, problems)
         if kind is None:
-            problems.append(f"ValueError: for this layer: {lookup} No corresponding matching quantization strategy")
-            continue
-        if kind != "FLOAT" and kind not in MF_METHODS:
-            problems.append(f"KeyError: {kind!r} (QUANTIZATION_METHOD_MAPPING) for layer {lookup}")
             continue
         if hf.endswith(".kv_b_proj") and kind != "FLOAT":  # MLASelfAttention.process_weights_after_loading
             problems.append(f"{name}: {kind}; its weight is split into q_absorb / out_absorb for float matmuls")
