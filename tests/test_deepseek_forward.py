@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from dist_ptq.errors import CheckpointError, ConfigError, UnsupportedModelError
+from dist_ptq.errors import CheckpointError, UnsupportedModelError
 from dist_ptq.eval.run import evaluate
 from dist_ptq.eval.verify import verify
-from dist_ptq.model.arch import REPLICATED, check_tensor_parallel, expert_groups, spec_from_config
+from dist_ptq.model.arch import REPLICATED, expert_groups, spec_from_config
 from dist_ptq.model.checkpoint import Checkpoint
 from dist_ptq.model.forward import decoder_layer, float_linear, mla_attention, to_tensor
 from dist_ptq.model.layer_source import Rope
@@ -182,12 +182,19 @@ def test_yarn_frequencies_follow_hf():
     assert cos[0, 0] == pytest.approx(spec.rope_attention_factor, rel=1e-6)
 
 
-def test_tensor_parallel_is_refused_on_mla():
+def test_tensor_parallel_split_rules_on_mla():
+    """MLA's down-projections and its one shared cache are whole on every rank; the per-head
+    up-projections split by heads, o_proj by its input."""
+    from dist_ptq.export.tp import REPLICATED as WHOLE, SPLIT, split_plan
+
     spec = spec_from_config(tiny_deepseek_config())
-    with pytest.raises(ConfigError, match=r"--tp 2: model\.layers\.0\.self_attn\.q_a_proj of this deepseek_v3 model is replicated"):
-        check_tensor_parallel(spec, 2)
-    check_tensor_parallel(spec, None)
-    check_tensor_parallel(spec_from_config(tiny_config("llama")), 2)  # dense models pass
+    p = "model.layers.0.self_attn."
+    for name in ("q_a_proj.weight", "kv_a_proj_with_mqa.weight", "k_scale", "v_scale", "q_a_layernorm.weight"):
+        shape = spec.layer_shapes(0).get(p + name, (spec.mla.qk_rope_head_dim,))
+        assert split_plan(p + name, shape, "W8A16", spec, 2).rule == WHOLE, name
+    for name, axis in (("q_b_proj.weight", 0), ("kv_b_proj.weight", 0), ("o_proj.weight", 1)):
+        plan = split_plan(p + name, spec.layer_shapes(0)[p + name], "W8A16", spec, 2)
+        assert (plan.rule, plan.axis) == (SPLIT, axis), name
     assert spec.cache_heads == 1 and spec.cache_widths == (spec.mla.qk_rope_head_dim, spec.mla.kv_lora_rank)
 
 
@@ -277,10 +284,25 @@ def test_kv_int8_on_mla_quantizes_the_latent_and_k_pe(e2e_model, recipe, tmp_pat
     assert abs(ppl / float_ppl - 1) < 0.01
 
 
-def test_tp_is_refused_at_the_recipe_check(e2e_model, tmp_path):
-    with pytest.raises(ConfigError, match=r"--tp 2: model\.layers\.0\.self_attn\.q_a_proj .* is replicated"):
-        quantize(e2e_model, CONFIGS / "w8a16_rtn.yaml", tmp_path / "tp", tp=2, progress=False)
-    assert not any(tmp_path.iterdir())
+@pytest.mark.parametrize("recipe", ["w8a8_smoothquant_kv_int8", "w8a16_rtn"])
+def test_tp_on_deepseek_splits_merges_and_verifies(e2e_model, recipe, tmp_path):
+    """--tp 2 on MLA + MoE: the ranks merge back bit for bit and `verify` runs the per-rank forward
+    (replicated down-projections, heads split, experts split by channels) against the unified one."""
+    from dist_ptq.export import tp as tpx
+
+    out = tmp_path / recipe
+    quantize(e2e_model, CONFIGS / f"{recipe}.yaml", out, calib=ASSETS / "calib.txt", num_samples=8, seq_len=64,
+             batch=4, tp=2, progress=False)
+    smap = json.loads((out / "tp2" / "shard_map.json").read_text())["tensors"]
+    p = "model.layers.0.self_attn."
+    assert smap[p + "q_a_proj.weight"]["rule"] == smap[p + "kv_a_proj_with_mqa.weight"]["rule"] == "replicated"
+    assert smap[p + "q_b_proj.weight"]["rule"] == smap[p + "o_proj.weight"]["rule"] == "split"
+    if recipe == "w8a8_smoothquant_kv_int8":
+        assert smap[p + "k_scale"]["rule"] == smap[p + "v_scale"]["rule"] == "replicated"
+    assert verify(out) == []  # manifest, format, the tp2 round trip and the per-rank forward
+    merged = tpx.merge(out / "tp2", tmp_path / "merged")
+    for f in sorted(q.name for q in out.glob("*.safetensors")):
+        assert (merged / f).read_bytes() == (out / f).read_bytes(), f
 
 
 def test_multi_token_prediction_layers_are_skipped(e2e_model, tmp_path):

@@ -17,10 +17,12 @@ The emulation (per tp dir, per decoder layer, same input as the unified layer) r
     column-parallel (q/k/v, gate/up):  every rank its output channels of the whole input ─ all-gather
     row-parallel (o_proj, down_proj):  every rank its slice of the input ─ partial sums all-reduced
                                        (quant_bias / bias held by rank 0, zeros elsewhere)
+    replicated (MLA's q_a_proj, kv_a_proj_with_mqa): every rank the whole linear, the same output
 
 Attention is per head and norms are replicated, so running them once on the gathered heads is what
 the ranks compute on theirs (with more ranks than kv heads, each rank's copy of its kv head is kept
-apart); the C8 cache scales are per channel, gathered from the ranks' heads the same way.
+apart); the C8 cache scales are per channel, gathered from the ranks' heads the same way. MLA's
+cache (latent and rope key, shared by every head) and its scales are whole on every rank.
 Embeddings are looked up per rank on its vocabulary rows and summed; lm_head logits are concatenated.
 A row-parallel W8A8_DYNAMIC input is quantized per token with the absmax of the whole row (an
 all-reduce max across ranks), which is what makes the partial sums add up to the unified result; a
@@ -40,7 +42,7 @@ import numpy as np
 from dist_ptq.errors import CheckpointError
 from dist_ptq.export import tp as tpx
 from dist_ptq.export import unified
-from dist_ptq.model.arch import COLUMN, ArchSpec, load_spec
+from dist_ptq.model.arch import COLUMN, REPLICATED, ArchSpec, load_spec
 from dist_ptq.config import GROUP_SIZES
 from dist_ptq.quant.schemes import KV_TENSORS, MODEL, Act, KVScheme, Scheme, format_of
 
@@ -398,10 +400,15 @@ class TPModel:
                    for r, f in enumerate(self.files)]
         ranks = [self.ref.layer_linears(i, t) for t in tensors]
         floats = ranks[0][0]  # norms are replicated (the round trip checked the copies agree)
-        spec = replace(self.spec, num_kv_heads=max(self.spec.num_kv_heads, tp))
-        scales = [np.concatenate([t[n] for t in tensors]) if n in tensors[0] else None
-                  for n in ("self_attn.k_scale", "self_attn.v_scale")]
-        kv = self.ref.layer_kv(i, *scales, num_kv_heads=spec.num_kv_heads)
+        if self.spec.mla is not None:  # one cache shared by every head: its scales are whole on each rank
+            spec = self.spec
+            scales = [tensors[0].get(n) for n in ("self_attn.k_scale", "self_attn.v_scale")]
+            kv = self.ref.layer_kv(i, *scales)
+        else:
+            spec = replace(self.spec, num_kv_heads=max(self.spec.num_kv_heads, tp))
+            scales = [np.concatenate([t[n] for t in tensors]) if n in tensors[0] else None
+                      for n in ("self_attn.k_scale", "self_attn.v_scale")]
+            kv = self.ref.layer_kv(i, *scales, num_kv_heads=spec.num_kv_heads)
         linear = self._tp_linear(layer, ranks)
         return lambda x: decoder_layer(floats, spec, x, self.ref.rope.cos_sin, self.ref.rope.mask, linear=linear, kv=kv, index=i)
 
@@ -412,6 +419,8 @@ class TPModel:
         tp = self.tp
 
         def linear(name: str, x):
+            if layer.linear(name).parallel == REPLICATED:  # every rank the whole linear (MLA's down-projections)
+                return ranks[0][2](name, x)
             if layer.linear(name).parallel == COLUMN:  # each rank its output channels: all-gather
                 return ops.concat([rk[2](name, x) for rk in ranks], -1)
             k = x.shape[-1] // tp  # row parallel: each rank its input slice, partial sums all-reduced

@@ -46,7 +46,8 @@ import numpy as np
 
 from dist_ptq.errors import CheckpointError, ConfigError, OutputError
 from dist_ptq.export import unified
-from dist_ptq.model.arch import COLUMN, ArchSpec, check_tensor_parallel, load_spec
+from dist_ptq.model.arch import COLUMN, ArchSpec, load_spec
+from dist_ptq.model.arch import REPLICATED as WHOLE
 from dist_ptq.model.fingerprint import sha256_file
 from dist_ptq.model.safetensors_io import SafetensorsFile, write_safetensors
 from dist_ptq.model.side_files import COPIED
@@ -156,6 +157,8 @@ def split_plan(
     if local in layer.norms:
         return SplitPlan(REPLICATED)
     if local in KV_TENSORS:
+        if spec.mla is not None:  # MLA's one cache (latent + rope key) is shared by every head: on every rank whole
+            return SplitPlan(REPLICATED)
         _need_divisible(name, spec.num_heads, tp, "attention heads")
         return _checked(name, shape, SplitPlan(SPLIT, 0, kv_blocks(spec, tp, name)))
     linear_name, _, suffix = local.rpartition(".")
@@ -169,6 +172,8 @@ def split_plan(
     oc, ic = layer.dims(linear_name)
     out_axis, in_axis = slot.axis("oc"), slot.axis("ic")
 
+    if linear.parallel == WHOLE:  # MLA's down-projections (q_a_proj, kv_a_proj_with_mqa): every rank computes them
+        return SplitPlan(REPLICATED)
     if linear.parallel == COLUMN:
         if out_axis is None:  # input side: every rank reads the whole input
             return SplitPlan(REPLICATED)
@@ -286,7 +291,6 @@ def check_config(spec: ArchSpec, cfg, tp: int) -> None:
         raise ConfigError(f"--tp must be a positive integer, got {tp!r}")
     if cfg.backend is not BackendTarget.ASCEND:
         raise ConfigError("--tp needs backend: ascend (the Golden-Stick layout with quantization_description.json)")
-    check_tensor_parallel(spec, tp)
     shapes, description, groups = dict(spec.global_shapes()), {}, {}
     for i in range(spec.num_layers):
         prefix, layer = spec.layer_prefix(i), spec.layer(i)
@@ -396,7 +400,6 @@ def shard(quant_dir: Path | str, tp: int, overwrite: bool = False) -> Path:
     if bad:
         raise CheckpointError(f"{bad[0]}; refusing to shard a directory that fails its manifest")
     spec = load_spec(quant_dir)
-    check_tensor_parallel(spec, tp)
     description = _read_json(quant_dir / unified.DESCRIPTION)
     record = _read_json(quant_dir / unified.RECORD) if (quant_dir / unified.RECORD).is_file() else None
     src = UnifiedTensors(quant_dir)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_ptq.errors import CheckpointError, ConfigError, UnsupportedModelError
+from dist_ptq.errors import CheckpointError, UnsupportedModelError
 
 # model_type -> (q/k/v bias, q_norm/k_norm)
 FAMILIES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True),
@@ -25,8 +25,7 @@ FAMILIES = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, Tr
             "deepseek_v3": (False, False)}
 
 # tensor-parallel kinds: split on the output dim / on the input dim / held whole by every rank (MLA's
-# small down-projections q_a_proj and kv_a_proj_with_mqa, which export/tp.py does not handle yet:
-# check_tensor_parallel refuses --tp on such a model)
+# small down-projections q_a_proj and kv_a_proj_with_mqa, computed by each rank on the whole input)
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
 
 
@@ -583,18 +582,6 @@ def _deepseek_moe(cfg: dict, num_layers: int, path: Path) -> tuple[MoESpec | Non
                               f"{topk_group * (moe.num_experts // n_group)} experts of the topk_group kept groups")
     first, freq = int(_need(cfg, "first_k_dense_replace", path)), int(cfg.get("moe_layer_freq") or 1)
     return moe, frozenset(i for i in range(num_layers) if i >= first and i % freq == 0)
-
-
-def check_tensor_parallel(spec: ArchSpec, tp: int | None) -> None:
-    """Refuse ``--tp`` on a model with a linear every rank holds whole (MLA's q_a_proj and
-    kv_a_proj_with_mqa): export/tp.py splits column- and row-parallel linears only."""
-    if tp is None:
-        return
-    for i in range(spec.num_layers):
-        whole = next((lin.name for lin in spec.layer(i).linears if lin.parallel == REPLICATED), None)
-        if whole is not None:
-            raise ConfigError(f"--tp {tp}: {spec.layer_prefix(i)}{whole} of this {spec.family} model is replicated on every "
-                              "rank, which tensor-parallel export does not support yet; expected no --tp for this model")
 
 
 def load_spec(model_dir: Path | str) -> ArchSpec:
