@@ -188,7 +188,7 @@ def kv_checked_perplexity(model, ids, batch: int) -> tuple[float, int, dict]:
         "with_k_v_scales": sum(hasattr(m, "k_scale") and hasattr(m, "v_scale") for _, m in attn),
         "k_scale_shape": list(attn[0][1].k_scale.shape) if attn and hasattr(attn[0][1], "k_scale") else None,
         "k_scale_first_layer": attn[0][1].k_scale.flatten().tolist() if attn and hasattr(attn[0][1], "k_scale") else None,
-        "strategy": str(args.strategy.value) if args is not None else None,
+        "strategy": getattr(args.strategy, "value", args.strategy) if args is not None else None,
         "observer": args.observer if args is not None else None,
         "symmetric": args.symmetric if args is not None else None,
         "quantization_enabled": enabled,
