@@ -344,9 +344,11 @@ def bench_calibrated(work: Path, baseline: str | None, layers7b: int | None = No
     m7 = ensure_model(work, f"llama2-7b-{layers7b}l" if layers7b else "llama2-7b", "llama2-7b", layers=layers7b)
     if "7b" in shapes:
         shutil.rmtree(out, ignore_errors=True)
-        runs["7b layer-major" + tag] = {**run_child(model=str(m7), out=str(out), **common), "commit": head_commit(),
-                                        "batch": batch, "model_bytes": model_bytes(m7), "layers7b": layers7b}
-        print(f"7b: {runs['7b layer-major' + tag]['seconds']:.1f}s", flush=True)
+        key = ("7b layer-major" if layers7b else "7b full-depth layer-major") + tag  # full depth beside the short runs
+        depth = layers7b or json.loads((m7 / "config.json").read_text())["num_hidden_layers"]
+        runs[key] = {**run_child(model=str(m7), out=str(out), **common), "commit": head_commit(),
+                     "batch": batch, "model_bytes": model_bytes(m7), "layers7b": depth}
+        print(f"7b: {runs[key]['seconds']:.1f}s", flush=True)
     m1 = ensure_model(work, "tinyllama-1.1b", "tinyllama-1.1b")
     trees = [("layer-major", ROOT)] + ([(f"baseline {baseline}", baseline_tree(baseline))] if baseline else [])
     for label, code in trees if "1.1b" in shapes else []:  # side by side, one after the other, same inputs
