@@ -32,7 +32,7 @@ from pathlib import Path
 T_START = time.perf_counter()
 
 # the dist_ptq config each recipe is compared with -> what it means on this side
-RECIPES = ("w4a16_rtn_g128", "w4a16_gptq_g128", "w4a16_gptq_actorder_g128",
+RECIPES = ("w4a16_rtn_g128", "w4a16_gptq_g128", "w4a16_gptq_actorder_g128", "w4a16_awq_g128",
            "w4a16_rtn_per_channel", "w4a16_gptq_per_channel",
            "w8a8_smoothquant", "w8a8_smoothquant_gptq", "kv_int8", "w8a8_smoothquant_kv_int8")
 KV_RECIPES = ("kv_int8", "w8a8_smoothquant_kv_int8")  # with a kv_cache_scheme
@@ -125,6 +125,12 @@ def recipe(name: str, args) -> list:
         return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore, actorder=None, **gptq)]
     if name == "w4a16_gptq_actorder_g128":
         return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore, actorder="static", **gptq)]
+    if name == "w4a16_awq_g128":  # AWQ scale search (default Llama mappings, duo scaling, 20-point grid), then RTN
+        from llmcompressor.modifiers.transform.awq import AWQModifier  # modifiers.awq: a deprecated shim to these two
+
+        no_pinning_without_accelerator()
+        return [AWQModifier(duo_scaling=True, n_grid=20),
+                QuantizationModifier(targets="Linear", scheme="W4A16", ignore=ignore)]
     if name == "w4a16_rtn_per_channel":
         return [QuantizationModifier(config_groups=w4a16_channel_groups(), ignore=ignore)]
     if name == "w4a16_gptq_per_channel":
@@ -140,6 +146,17 @@ def recipe(name: str, args) -> list:
         return [smooth, QuantizationModifier(config_groups=w8a8_static_groups(), ignore=ignore,
                                              kv_cache_scheme=kv_cache_args(args.kv_strategy))]
     raise SystemExit(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
+
+
+def no_pinning_without_accelerator() -> None:
+    """llmcompressor 0.14's AWQ pins its cached layer inputs (``IntermediatesCache.pin_memory``) for faster
+    host-to-device copies; a CPU-only torch refuses (``Cannot access accelerator device``). Pinning changes
+    no value, so without an accelerator it is skipped."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
 def kv_checked_perplexity(model, ids, batch: int) -> tuple[float, int, dict]:

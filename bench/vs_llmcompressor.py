@@ -4,6 +4,7 @@
     python bench/vs_llmcompressor.py --models bundled "harder variant" --recipes w4a16_rtn_g128 w4a16_gptq_g128
     python bench/vs_llmcompressor.py --recipes w4a16_rtn_per_channel w4a16_gptq_per_channel --cross-check ''
     python bench/vs_llmcompressor.py --recipes kv_int8 w8a8_smoothquant_kv_int8 --cross-check ''
+    python bench/vs_llmcompressor.py --recipes w4a16_awq_g128 --cross-check ''
     python bench/vs_llmcompressor.py --render bench/results/vs_llmcompressor.json   # the tables again from saved figures
 
 A run merges into the JSON beside ``--out`` when one is there: the figures it measured (per model: the
@@ -56,12 +57,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = ROOT / "bench" / "llmcompressor_side.py"
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-RECIPES = ["w4a16_rtn_g128", "w4a16_gptq_g128", "w4a16_gptq_actorder_g128", "w4a16_rtn_per_channel",
+RECIPES = ["w4a16_rtn_g128", "w4a16_gptq_g128", "w4a16_gptq_actorder_g128", "w4a16_awq_g128", "w4a16_rtn_per_channel",
            "w4a16_gptq_per_channel", "w8a8_smoothquant", "w8a8_smoothquant_gptq", "kv_int8",
            "w8a8_smoothquant_kv_int8"]
 MODELS = ("bundled", "outlier variant", "harder variant")
 # the baseline each recovery recipe's "gap recovered" is measured against (on each tool's own figures)
 BASELINE = {"w4a16_gptq_g128": "w4a16_rtn_g128", "w4a16_gptq_actorder_g128": "w4a16_rtn_g128",
+            "w4a16_awq_g128": "w4a16_rtn_g128",
             "w4a16_gptq_per_channel": "w4a16_rtn_per_channel", "w8a8_smoothquant_gptq": "w8a8_smoothquant"}
 DIFFERENCES = """\
 ## What differs between the two tools (settings and defaults)
@@ -89,6 +91,17 @@ Left as each tool does it:
   float32 sums of 2·xᵀx divided by the number of sequences (the scale cancels against the relative damping).
   A Hessian that will not factor: dist_ptq raises the damping ×10 (up to 6 times), LLM Compressor falls back
   to RTN for that linear.
+* **W4A16 AWQ** (`w4a16_awq_g128`; LLM Compressor `AWQModifier(duo_scaling=True, n_grid=20)`, its default Llama
+  mappings, then `QuantizationModifier` with the `W4A16` preset: symmetric int4, groups of 128, min/max RTN).
+  Alike: x_mean = mean |X| per input channel, w_mean = mean of |W| / its group's max, s = x_mean^α /
+  (w_mean^(1−α) + 1e-4) normalized by √(max s · min s), and s = 1 (plain RTN) among the candidates. Grid: dist_ptq
+  α = 0, 0.05, …, 0.95; LLM Compressor α = 0, 1/18, …, 1. Loss: dist_ptq the output error of the linears
+  reading the input, ‖X Wᵀ − X (Q(W·s)/s)ᵀ‖²; LLM Compressor the MSE of the parent module's output (self_attn
+  for q/k/v, mlp for gate/up, down_proj itself for down_proj). o_proj: with GQA (2 KV heads, 4 query heads) v_proj's rows are
+  not o_proj's inputs, so LLM Compressor skips the v_proj → o_proj mapping (o_proj plain RTN); dist_ptq smooths
+  o_proj's input anyway, storing `smooth_scale` = 1/s. Clipping: dist_ptq then searches a clip ratio per row and
+  group (1.0, 0.95, …, 0.75, by output error, as llm-awq's `auto_clip`); LLM Compressor 0.14's `AWQModifier` has
+  no clip search. Its pinning of cached inputs fails on a CPU-only torch; the bench skips it (no value changes).
 * **Defaults a user would get.** LLM Compressor's `GPTQModifier` defaults to `actorder="static"`; its `W8A8`
   preset is per-token dynamic int8 activations. Neither is used here: the recipes mirror dist_ptq's configs.
 * **W8A8 SmoothQuant.** Both α = 0.5, per-channel int8 weights, per-tensor static asymmetric int8
@@ -440,7 +453,7 @@ def write(saved: dict, out: Path) -> None:
         "",
         "dist_ptq's output scored by its reference quantized inference (`dist-ptq eval`), LLM Compressor's "
         "fake-quantized model in torch; \"rec.\" = gap recovered = (ppl_base − ppl) / (ppl_base − ppl_float) on each "
-        "tool's own figures, base = its own W4A16 RTN at the same granularity (g128 or per channel) for GPTQ, its own "
+        "tool's own figures, base = its own W4A16 RTN at the same granularity (g128 or per channel) for GPTQ and AWQ, its own "
         "W8A8 SmoothQuant for SmoothQuant + GPTQ.",
         "",
         "| recipe | " + " | ".join(f"{lab}: dist_ptq | rec. | LLM Compressor | rec." for lab in labels) + " |",
