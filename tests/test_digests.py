@@ -65,3 +65,10 @@ def test_manifest_follows_renumbered_parts_and_leaves_no_ledger(tmp_path):
     assert set(listed) == set(new.values()) and set(listed.values()) == {"f" * 64}
     digests.drop(partial)
     assert not (partial / digests.LEDGER).exists()
+
+
+def test_a_digest_the_worker_computes_is_kept_for_the_manifest(tmp_path):
+    f = _shard(tmp_path, "s-00001-of-00001.safetensors", 3)
+    assert digests.lookup(tmp_path, f) == _sha(tmp_path / f) and digests.recorded(tmp_path, f) is None
+    assert digests.lookup(tmp_path, f, keep=True) == _sha(tmp_path / f) == digests.recorded(tmp_path, f)
+    assert [p.name for p in (tmp_path / digests.LEDGER).iterdir()] == [f]  # no temporary left

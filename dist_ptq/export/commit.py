@@ -50,7 +50,7 @@ def commit_layer(partial: Path, layer: int, recipe: str, shard: str, row: dict, 
     (``LayerResult.to_commit``), ``aux`` what rebuilding the quantized layer from its shard needs."""
     write_json_atomic(
         partial / LAYERS / f"layer_{layer:05d}.json",
-        {"recipe": recipe, "layer": layer, "shard": shard, "shard_sha256": digests.lookup(partial, shard), "row": row, "aux": aux},
+        {"recipe": recipe, "layer": layer, "shard": shard, "shard_sha256": digests.lookup(partial, shard, keep=True), "row": row, "aux": aux},
     )
 
 

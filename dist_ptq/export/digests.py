@@ -27,7 +27,7 @@ def record(partial: Path, fname: str, digest: str, st: os.stat_result) -> None:
     """Record ``fname``'s digest, taken of the file as ``st`` describes it."""
     d = partial / LEDGER
     d.mkdir(exist_ok=True)
-    tmp = d / (fname + ".tmp")
+    tmp = d / f"{fname}.{os.getpid()}.{threading.get_ident()}.tmp"  # a worker and the hasher may record one file at once
     tmp.write_text(f"{digest} {_key(st)}\n", encoding="utf-8")
     os.replace(tmp, d / fname)
 
@@ -43,9 +43,18 @@ def recorded(root: Path, rel: str) -> str | None:
     return None
 
 
-def lookup(root: Path, rel: str) -> str:
-    """The file's sha256: from the ledger when its entry still matches the file, else computed."""
-    return recorded(root, rel) or sha256_file(root / rel)
+def lookup(root: Path, rel: str, keep: bool = False) -> str:
+    """The file's sha256: from the ledger when its entry still matches the file, else computed (and,
+    with ``keep``, recorded, so the coordinator's hasher does not hash it again)."""
+    digest = recorded(root, rel)
+    if digest is not None:
+        return digest
+    path = root / rel
+    before = path.stat()
+    digest = sha256_file(path)
+    if keep and _key(path.stat()) == _key(before):
+        record(root, rel, digest, before)
+    return digest
 
 
 def hash_new_shards(partial: Path, stop: threading.Event | None = None) -> None:
