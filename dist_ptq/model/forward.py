@@ -70,14 +70,46 @@ def to_tensor(a: np.ndarray) -> Tensor:
     return Tensor(np.ascontiguousarray(a, dtype=np.float32))
 
 
+def _on_cpu() -> bool:
+    return _configured is None or _configured[0] == "cpu"
+
+
+# MindSpore 2.10's CPU kernels are slow at moving bytes: a strided copy (what the op after a transpose
+# or slice pays) runs ~20x slower than numpy's, an elementwise op with a broadcast operand 5-10x slower
+# than one of equal shapes. On CPU these helpers move the bytes with numpy (zero-copy in and out);
+# the arithmetic stays MindSpore's, and moving bytes is exact, so results are bit for bit the same.
+def permuted(x: Tensor, axes: tuple[int, ...]) -> Tensor:
+    """x with its axes permuted, laid out contiguously."""
+    if _on_cpu():
+        return Tensor.from_numpy(np.ascontiguousarray(x.asnumpy().transpose(axes)))
+    return ops.transpose(x, axes)
+
+
+def expanded(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """x broadcast to ``shape``, materialized on CPU so the elementwise op that reads it sees equal shapes."""
+    if tuple(x.shape) == tuple(shape):
+        return x
+    if _on_cpu():
+        return Tensor.from_numpy(np.ascontiguousarray(np.broadcast_to(x.asnumpy(), shape)))
+    return ops.broadcast_to(x, shape)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     var = ops.mean(x * x, -1, True)
-    return x * ops.rsqrt(var + eps) * weight
+    return x * expanded(ops.rsqrt(var + eps), x.shape) * expanded(weight, x.shape)
 
 
 def rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
+    if _on_cpu():
+        a = x.asnumpy()
+        return Tensor.from_numpy(np.concatenate((-a[..., half:], a[..., :half]), -1))
     return ops.concat((-x[..., half:], x[..., :half]), -1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x·cos + rotate_half(x)·sin over the last axis, cos/sin (S, d) broadcast to x (…, S, d)."""
+    return x * expanded(cos, x.shape) + rotate_half(x) * expanded(sin, x.shape)
 
 
 _MATMUL_NT = ops.MatMul(transpose_b=True)
@@ -169,9 +201,9 @@ def attention(weights: dict[str, Tensor], spec: ArchSpec, h: Tensor, rope: tuple
     if spec.qk_norm:
         q = rms_norm(q, weights["self_attn.q_norm.weight"], spec.rms_norm_eps)
         k = rms_norm(k, weights["self_attn.k_norm.weight"], spec.rms_norm_eps)
-    q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    q, k, v = (permuted(t, (0, 2, 1, 3)) for t in (q, k, v))
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
     if tap:
         tap("k", k)
         tap("v", v)
@@ -179,11 +211,12 @@ def attention(weights: dict[str, Tensor], spec: ArchSpec, h: Tensor, rope: tuple
         k, v = kv(k, v)
     rep = nh // nkv
     if rep > 1:
-        k = ops.broadcast_to(k.reshape(b, nkv, 1, s, d), (b, nkv, rep, s, d)).reshape(b, nh, s, d)
-        v = ops.broadcast_to(v.reshape(b, nkv, 1, s, d), (b, nkv, rep, s, d)).reshape(b, nh, s, d)
-    scores = scores_matmul(q, k) * (1.0 / float(np.sqrt(d))) + mask
+        k = expanded(k.reshape(b, nkv, 1, s, d), (b, nkv, rep, s, d)).reshape(b, nh, s, d)
+        v = expanded(v.reshape(b, nkv, 1, s, d), (b, nkv, rep, s, d)).reshape(b, nh, s, d)
+    scores = scores_matmul(q, k) * (1.0 / float(np.sqrt(d)))
+    scores = scores + expanded(mask, scores.shape)
     attn = ops.matmul(ops.softmax(scores, -1), v)
-    attn = ops.transpose(attn, (0, 2, 1, 3)).reshape(b, s, nh * d)
+    attn = permuted(attn, (0, 2, 1, 3)).reshape(b, s, nh * d)
     if tap:
         tap("o_in", attn)
     return linear("self_attn.o_proj", attn)

@@ -10,7 +10,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from dist_ptq.model.forward import KVFn, LinearFn, float_linear, matmul_t, to_tensor
+from dist_ptq.model.forward import KVFn, LinearFn, expanded, float_linear, matmul_t, to_tensor
 from dist_ptq.quant.quantized import QuantizedLayer
 from dist_ptq.quant.schemes import FORMATS, Act, KVScheme
 
@@ -18,7 +18,7 @@ from dist_ptq.quant.schemes import FORMATS, Act, KVScheme
 def fake_quant_per_token(x: ms.Tensor, axis: int = -1) -> ms.Tensor:
     """Symmetric int8 per token (the last axis is reduced): round(x / t)·t, t = absmax/127."""
     t = ops.amax(ops.abs(x), axis, True) / 127.0
-    t = ops.select(t > 0, t, ops.ones_like(t))
+    t = expanded(ops.select(t > 0, t, ops.ones_like(t)), x.shape)
     return ops.clamp(ops.round(x / t), -127.0, 127.0) * t
 
 
@@ -49,12 +49,12 @@ def fake_linear(ql: QuantizedLayer, float_weights: dict[str, ms.Tensor]) -> Line
             return plain(name, x)
         lin, act, w, bias, input_scale, smooth = prepared[name]
         if act is Act.STATIC:
-            xq = ops.clamp(ops.round(x / input_scale) + float(lin.x_offset), -128.0, 127.0)
+            xq = ops.clamp(ops.round(x / expanded(input_scale, x.shape)) + float(lin.x_offset), -128.0, 127.0)
             x = (xq - float(lin.x_offset)) * lin.x_scale
         elif act is Act.DYNAMIC:
-            x = fake_quant_per_token(x * smooth if smooth is not None else x)
+            x = fake_quant_per_token(x * expanded(smooth, x.shape) if smooth is not None else x)
         elif smooth is not None:  # weight-only with an AWQ scale that could not be folded
-            x = x * smooth
+            x = x * expanded(smooth, x.shape)
         y = matmul_t(x, w)
         return y + bias if bias is not None else y
 
@@ -68,7 +68,8 @@ def kv_int8_static(k_scale: np.ndarray, v_scale: np.ndarray, cache_heads: int) -
     vs = to_tensor(np.asarray(v_scale).reshape(1, cache_heads, 1, -1))
 
     def kv(k: ms.Tensor, v: ms.Tensor) -> tuple[ms.Tensor, ms.Tensor]:
-        return (ops.clamp(ops.round(k / ks), -127.0, 127.0) * ks, ops.clamp(ops.round(v / vs), -127.0, 127.0) * vs)
+        kse, vse = expanded(ks, k.shape), expanded(vs, v.shape)
+        return (ops.clamp(ops.round(k / kse), -127.0, 127.0) * kse, ops.clamp(ops.round(v / vse), -127.0, 127.0) * vse)
 
     return kv
 
