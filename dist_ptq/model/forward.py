@@ -226,7 +226,7 @@ def deinterleave(x: Tensor) -> Tensor:
     """Channels (x0, x1, x2, x3, ...) → (x0, x2, ..., x1, x3, ...), as HF's apply_rotary_pos_emb_interleave
     does before rotate_half: rotating pairs (2i, 2i+1) the way DeepSeek's weights expect."""
     *lead, d = x.shape
-    return ops.transpose(x.reshape(*lead, d // 2, 2), tuple(range(len(lead))) + (len(lead) + 1, len(lead))).reshape(*lead, d)
+    return permuted(x.reshape(*lead, d // 2, 2), tuple(range(len(lead))) + (len(lead) + 1, len(lead))).reshape(*lead, d)
 
 
 def mla_attention(weights: dict[str, Tensor], mla: MLASpec, nh: int, h: Tensor, rope: tuple[Tensor, Tensor],
@@ -248,15 +248,15 @@ def mla_attention(weights: dict[str, Tensor], mla: MLASpec, nh: int, h: Tensor, 
         q = linear("self_attn.q_b_proj", qa)
     else:
         q = linear("self_attn.q_proj", h)
-    q = ops.transpose(q.reshape(b, s, nh, dn + dr), (0, 2, 1, 3))
+    q = permuted(q.reshape(b, s, nh, dn + dr), (0, 2, 1, 3))
     q_pass, q_rot = q[..., :dn], q[..., dn:]
     ckv = linear("self_attn.kv_a_proj_with_mqa", h)
     latent = rms_norm(ckv[..., :r], weights["self_attn.kv_a_layernorm.weight"], eps)
     k_rot = ckv[..., r:].reshape(b, 1, s, dr)
     if mla.rope_interleave:
         q_rot, k_rot = deinterleave(q_rot), deinterleave(k_rot)
-    q_rot = q_rot * cos + rotate_half(q_rot) * sin
-    k_rot = k_rot * cos + rotate_half(k_rot) * sin
+    q_rot = apply_rope(q_rot, cos, sin)
+    k_rot = apply_rope(k_rot, cos, sin)
     if tap:
         tap("kv_b_in", latent)
         tap("k", k_rot)
@@ -264,14 +264,15 @@ def mla_attention(weights: dict[str, Tensor], mla: MLASpec, nh: int, h: Tensor, 
     if kv:
         k_rot, cached = kv(k_rot, latent.reshape(b, 1, s, r))
         latent = cached.reshape(b, s, r)
-    kvb = ops.transpose(linear("self_attn.kv_b_proj", latent).reshape(b, s, nh, dn + dv), (0, 2, 1, 3))
+    kvb = permuted(linear("self_attn.kv_b_proj", latent).reshape(b, s, nh, dn + dv), (0, 2, 1, 3))
     k_pass, v = kvb[..., :dn], kvb[..., dn:]
-    k_rot = ops.broadcast_to(k_rot, (b, nh, s, dr))
+    k_rot = expanded(k_rot, (b, nh, s, dr))
     q = ops.concat((q_pass, q_rot), -1)
     k = ops.concat((k_pass, k_rot), -1)
-    scores = scores_matmul(q, k) * mla.softmax_scale + mask
+    scores = scores_matmul(q, k) * mla.softmax_scale
+    scores = scores + expanded(mask, scores.shape)
     attn = ops.matmul(ops.softmax(scores, -1), v)
-    attn = ops.transpose(attn, (0, 2, 1, 3)).reshape(b, s, nh * dv)
+    attn = permuted(attn, (0, 2, 1, 3)).reshape(b, s, nh * dv)
     if tap:
         tap("o_in", attn)
     return linear("self_attn.o_proj", attn)
