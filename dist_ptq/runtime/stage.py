@@ -83,6 +83,19 @@ def proc_io() -> dict[str, int]:
         return {}
 
 
+# A layer whose dequantized linears take at most this many float32 bytes keeps them for all its
+# micro-batches (a 1.1B layer: 0.18 GB); a larger one (7B: 0.8 GB) dequantizes each linear per call.
+DEQUANTIZED_LAYER_BYTES = 256 << 20
+
+
+def quantized_linears(ql: QuantizedLayer, weights: dict[str, ms.Tensor]):
+    """The fake-quant forward's linears: dequantized once for the layer when that fits
+    ``DEQUANTIZED_LAYER_BYTES``, else one at a time (same values either way)."""
+    if sum(4 * lin.q.size for lin in ql.linears.values()) <= DEQUANTIZED_LAYER_BYTES:
+        return fake_linear(ql, weights)
+    return one_linear_at_a_time(ql, weights)
+
+
 def one_linear_at_a_time(ql: QuantizedLayer, weights: dict[str, ms.Tensor]):
     """The fake-quant forward's linears, each dequantized when called and dropped after, so the
     quantized pass holds one float32 linear (180 MB at 7B) rather than all of them (0.8 GB); the
@@ -287,7 +300,7 @@ class StageWorker:
         else:  # a committed layer in the sequential schedule: its float pass runs while measuring
             cur.float_linear = float_from_stored(cur.stored)
         wq = layer_weights_for(cur.ql, cur.tensors)  # AWQ may have changed float tensors (norms)
-        cur.measure = (wq, one_linear_at_a_time(cur.ql, wq), fake_kv(cur.ql, self.spec.cache_heads))
+        cur.measure = (wq, quantized_linears(cur.ql, wq), fake_kv(cur.ql, self.spec.cache_heads))
 
     def measure(self, layer: int, batch: int) -> np.ndarray:
         """Per-sample error of the quantized layer on micro-batch ``batch``; in the sequential schedule
