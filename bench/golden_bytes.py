@@ -2,6 +2,7 @@
 
     python bench/golden_bytes.py --record    # writes bench/results/golden_manifests.json
     python bench/golden_bytes.py --check     # quantizes again, compares every MANIFEST.sha256 line
+    python bench/golden_bytes.py --check --model tiny-moe   # the MoE model, MOE_RECIPES (golden_manifests_moe.json)
 
 Each recipe runs with one worker on 8 × 128 calibration tokens (calibrated recipes) and, for the
 Golden-Stick ones, with ``tp=2``, so the per-rank files are covered too. Every manifest line but
@@ -20,32 +21,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "golden_manifests.json"
+RESULTS_MOE = ROOT / "bench" / "results" / "golden_manifests_moe.json"
 NUM_SAMPLES, SEQ_LEN = 8, 128
+# on the bundled MoE model (routed calibration, per-expert GPTQ / AWQ, experts split by TP rank)
+MOE_RECIPES = ["kv_int8", "w4a16_awq_g128", "w4a16_gptq_g128", "w8a16_rtn", "w8a8_dynamic", "w8a8_smoothquant_kv_int8"]
 
 
-def recipe_manifest(config: Path, out: Path) -> dict[str, str]:
-    """Quantize the bundled model with ``config`` into ``out``; every manifest line but report.json's."""
-    from dist_ptq.assets import TINY_LLAMA
+def record_file(model: str) -> Path:
+    return RESULTS_MOE if model == "tiny-moe" else RESULTS
+
+
+def recipe_manifest(config: Path, out: Path, model: str = "bundled") -> dict[str, str]:
+    """Quantize a bundled model with ``config`` into ``out``; every manifest line but report.json's."""
+    from dist_ptq.assets import TINY_LLAMA, TINY_MOE
     from dist_ptq.config import BackendTarget, load_yaml
     from dist_ptq.export.unified import read_manifest
     from dist_ptq.runtime.coordinator import quantize
 
+    src = TINY_MOE if model == "tiny-moe" else TINY_LLAMA
     cfg = load_yaml(config)
     tp = 2 if cfg.backend is BackendTarget.ASCEND else None
-    calib = None if cfg.is_data_free else TINY_LLAMA / "calib.txt"
-    quantize(TINY_LLAMA, cfg, out, calib=calib, num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, progress=False, tp=tp)
+    calib = None if cfg.is_data_free else src / "calib.txt"
+    quantize(src, cfg, out, calib=calib, num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, progress=False, tp=tp)
     return {k: v for k, v in read_manifest(out).items() if k != "report.json"}
 
 
-def all_manifests(names: list[str] | None = None) -> dict[str, dict[str, str]]:
+def all_manifests(names: list[str] | None = None, model: str = "bundled") -> dict[str, dict[str, str]]:
     configs = sorted((ROOT / "configs").glob("*.yaml"))
+    names = names or (MOE_RECIPES if model == "tiny-moe" else None)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for c in configs:
             if names and c.stem not in names:
                 continue
             print(f"{c.stem} ...", flush=True)
-            out[c.stem] = recipe_manifest(c, Path(tmp) / c.stem)
+            out[c.stem] = recipe_manifest(c, Path(tmp) / c.stem, model)
     return out
 
 
@@ -68,15 +78,18 @@ def main() -> int:
     mode.add_argument("--record", action="store_true")
     mode.add_argument("--check", action="store_true")
     ap.add_argument("--recipes", nargs="*", help="only these configs/ stems")
+    ap.add_argument("--model", choices=["bundled", "tiny-moe"], default="bundled",
+                    help="the bundled dense model (every recipe) or the bundled MoE model (MOE_RECIPES)")
     args = ap.parse_args()
-    got = all_manifests(args.recipes)
+    got = all_manifests(args.recipes, args.model)
+    results = record_file(args.model)
     if args.record:
-        saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        saved = json.loads(results.read_text()) if results.is_file() else {}
         saved.update(got)
-        RESULTS.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
-        print(f"recorded {len(got)} recipes in {RESULTS}")
+        results.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {len(got)} recipes in {results}")
         return 0
-    problems = compare(json.loads(RESULTS.read_text()), got)
+    problems = compare(json.loads(results.read_text()), got)
     for p in problems:
         print(p)
     files = sum(len(m) for m in got.values())

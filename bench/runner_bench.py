@@ -3,6 +3,7 @@
     python bench/runner_bench.py memory   --work /tmp/dptq-bench     # 7B-shaped W8A16 RTN, 2 workers, vs cp
     python bench/runner_bench.py speedup  --work /tmp/dptq-bench     # W8A8 SQ + KV int8, 1 vs 2 workers
     python bench/runner_bench.py compute  --work /tmp/dptq-bench     # calibration forward vs float32 GEMM rate
+    python bench/runner_bench.py kernels                               # the forward's CPU formulations vs the plain ones
     python bench/runner_bench.py scaling  --work /tmp/dptq-bench     # time and memory vs layers and width
     python bench/runner_bench.py scaling  --hidden 2048 --configs w8a8_smoothquant_kv_int8   # calibrated only
     python bench/runner_bench.py moe      --work /tmp/dptq-bench     # Qwen3-30B-A3B (4 layers) and DeepSeek-V3
@@ -287,6 +288,56 @@ def bench_compute(work: Path) -> None:
     save("compute", data, md)
 
 
+def bench_kernels() -> None:
+    """Each CPU formulation ``model/forward.py`` uses against the plain MindSpore call it replaced, on
+    TinyLlama-1.1B shapes (4 × 256 tokens), one core: time of each, side by side, and whether the two
+    give the same bits (they must: output bytes may not change)."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    import mindspore as ms
+    import numpy as np
+    from mindspore import ops
+
+    from dist_ptq.model.forward import configure_mindspore, expanded, matmul_t, permuted, scores_matmul
+
+    configure_mindspore(1)
+    rng = np.random.default_rng(0)
+    t = lambda *shape: ms.Tensor(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+    b, s, nh, d, hid, inter = 4, 256, 32, 64, 2048, 5632
+    x, w_up, w_down, h = t(b * s, hid), t(inter, hid), t(hid, inter), t(b * s, inter)
+    q = t(b, s, nh, d)
+    qt, k = ops.transpose(q, (0, 2, 1, 3)), t(b, nh, s, d)
+    cos, mask, sc = t(s, d), t(s, s), t(b, nh, s, s)
+    cases = [
+        ("linear 1024×2048 → 5632", lambda: ops.matmul(x, w_up.T), lambda: matmul_t(x, w_up)),
+        ("linear 1024×5632 → 2048", lambda: ops.matmul(h, w_down.T), lambda: matmul_t(h, w_down)),
+        ("attention scores q kᵀ (4, 32, 256, 64)", lambda: ops.matmul(k, k.transpose(0, 1, 3, 2)),
+         lambda: scores_matmul(k, k)),
+        ("transpose (4, 256, 32, 64) → (4, 32, 256, 64), then × cos", lambda: ops.transpose(q, (0, 2, 1, 3)) * cos,
+         lambda: (lambda p: p * expanded(cos, p.shape))(permuted(q, (0, 2, 1, 3)))),
+        ("scores + causal mask (broadcast)", lambda: sc + mask, lambda: sc + expanded(mask, sc.shape)),
+        ("transposed view × cos (broadcast)", lambda: qt * cos, lambda: permuted(q, (0, 2, 1, 3)) * expanded(cos, qt.shape)),
+    ]
+    rows = []
+    for name, plain, ours in cases:
+        same = bool(np.array_equal(plain().asnumpy(), ours().asnumpy()))
+        times = []
+        for fn in (plain, ours):
+            fn().asnumpy()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                y = fn()
+            y.asnumpy()
+            times.append((time.perf_counter() - t0) / 5)
+        rows.append({"case": name, "plain_ms": times[0] * 1e3, "ours_ms": times[1] * 1e3,
+                     "speedup": times[0] / times[1], "same_bits": same})
+    md = ("MindSpore 2.10 CPU, one core, TinyLlama-1.1B shapes (4 × 256 tokens): each formulation of "
+          "`model/forward.py` against the plain call it replaced, timed side by side (mean of 5).\n\n"
+          "| operation | plain (ms) | forward.py (ms) | speed-up | same bits |\n|---|---:|---:|---:|---|\n"
+          + "".join(f"| {r['case']} | {r['plain_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.1f}× | "
+                    f"{'yes' if r['same_bits'] else 'NO'} |\n" for r in rows))
+    save("kernels", {"rows": rows}, md)
+
+
 def bench_scaling(work: Path, hiddens: list[int], configs: list[str]) -> None:
     """Time and peak RSS against layers; a filtered run (one width or recipe) saves as scaling_<filter>."""
     calib = calib_npy(work, 8, 128, 32000)
@@ -412,7 +463,7 @@ def render_calibrated(data: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["memory", "speedup", "compute", "scaling", "calibrated", "moe"])
+    ap.add_argument("what", choices=["memory", "speedup", "compute", "kernels", "scaling", "calibrated", "moe"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/dptq-bench"))
     ap.add_argument("--layers", type=int, default=8, help="decoder layers for the speed-up model")
     ap.add_argument("--hidden", type=int, action="append", help="scaling: widths to run (default 1024 and 2048)")
@@ -428,7 +479,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     {"memory": lambda: bench_memory(args.work), "speedup": lambda: bench_speedup(args.work, args.layers),
-     "compute": lambda: bench_compute(args.work),
+     "compute": lambda: bench_compute(args.work), "kernels": bench_kernels,
      "scaling": lambda: bench_scaling(args.work, args.hidden or [1024, 2048], args.configs),
      "calibrated": lambda: rerender_calibrated() if args.render else
                            bench_calibrated(args.work, args.baseline, args.layers7b, tuple(args.shapes), args.batch),
