@@ -75,7 +75,7 @@ with `strategy="channel"`), block size 128, damping 0.01 × mean(diag H) on both
 (`w4a16_gptq_actorder_g128`, `actorder="static"`: columns by descending diag(H), group scales from the
 original weight, as dist_ptq's `desc_act + static_groups`); `lm_head` left float; both calibrate layer by
 layer on the outputs of the already quantized layers (LLM Compressor's sequential pipeline with
-`propagate_error`); one thread per quantizing process.
+`propagate_error`); one thread per quantizing process, each pinned to one core.
 
 Left as each tool does it:
 
@@ -223,11 +223,20 @@ def child_env(threads: int) -> dict:
     return env
 
 
+def pin_to(threads: int):
+    """A preexec_fn pinning the child to ``threads`` cores: the thread settings of both tools leave helper
+    threads (MindSpore's CPU runtime, torch's interop pool) that would otherwise run on a second core."""
+    cores = sorted(os.sched_getaffinity(0))[:max(1, threads)]
+    return lambda: os.sched_setaffinity(0, cores)
+
+
 def run_child(cmd: list, threads: int, log: Path) -> float:
-    """Run one child process to completion; its output goes to ``log``; returns its wall time (s)."""
+    """Run one child process to completion, on ``threads`` cores; its output goes to ``log``; returns its
+    wall time (s)."""
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        rc = subprocess.call([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=child_env(threads))
+        rc = subprocess.call([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=child_env(threads),
+                             preexec_fn=pin_to(threads))
     secs = time.perf_counter() - t0
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
@@ -443,8 +452,8 @@ def write(saved: dict, out: Path) -> None:
     lines = [
         f"Calibration {saved['num_samples']} × {saved['seq_len']} tokens of calib.txt (the same token ids for both tools); "
         f"perplexity on the first {saved['max_tokens']} tokens of valid.txt in windows of {saved['seq_len']} "
-        f"({res[labels[0]]['tokens']} tokens scored); {saved['threads']} thread(s) per quantizing process on a "
-        f"{saved['cpus']}-core machine.",
+        f"({res[labels[0]]['tokens']} tokens scored); {saved['threads']} thread(s) per quantizing process, each "
+        f"child pinned to that many cores, on a {saved['cpus']}-core machine.",
         "",
         f"Versions: dist_ptq {v['dist_ptq']}; llmcompressor {v['llmcompressor']}, compressed-tensors "
         f"{v['compressed-tensors']}, torch {v['torch']}, transformers {v['transformers']}, accelerate {v['accelerate']}.",

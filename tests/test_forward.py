@@ -63,3 +63,26 @@ def test_llama3_scaling_changes_low_frequencies_only():
     assert scaled[-1] == pytest.approx(plain[-1] / 8.0)  # lowest divided by the factor
     assert plain[1] / 8.0 < scaled[1] < plain[1]  # the band between is interpolated
     np.testing.assert_allclose(scaled, ref.inv_freq(CASES["llama3-rope-tied"]), rtol=1e-12)
+
+
+def test_cpu_kernel_formulations_give_the_plain_ops_bits():
+    """forward.py's CPU formulations (README "CPU kernels") against the MindSpore calls they replaced,
+    bit for bit: output bytes depend on it. The row counts cross matmul_t's NT_MIN_ROWS switch."""
+    from mindspore import ops
+
+    from dist_ptq.model.forward import NT_MIN_ROWS, expanded, matmul_t, permuted, rotate_half, scores_matmul
+
+    rng = np.random.default_rng(5)
+    t = lambda *shape: to_tensor(rng.standard_normal(shape))  # noqa: E731
+    w = t(96, 80)
+    for rows in (1, NT_MIN_ROWS - 1, NT_MIN_ROWS, 100):
+        x = t(rows, 80)
+        assert np.array_equal(matmul_t(x, w).asnumpy(), ops.matmul(x, w.T).asnumpy()), rows
+    q, k = t(2, 3, 20, 16), t(2, 3, 20, 16)
+    assert np.array_equal(scores_matmul(q, k).asnumpy(), ops.matmul(q, k.transpose(0, 1, 3, 2)).asnumpy())
+    h = t(2, 20, 3, 16)
+    assert np.array_equal(permuted(h, (0, 2, 1, 3)).asnumpy(), ops.transpose(h, (0, 2, 1, 3)).asnumpy())
+    cos = t(20, 16)
+    assert np.array_equal((q * expanded(cos, q.shape)).asnumpy(), (q * cos).asnumpy())
+    half = q.shape[-1] // 2
+    assert np.array_equal(rotate_half(q).asnumpy(), ops.concat((-q[..., half:], q[..., :half]), -1).asnumpy())
