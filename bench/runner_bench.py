@@ -164,9 +164,10 @@ def copy_seconds(model: Path, work: Path, per_file: bool = False) -> float:
     return secs
 
 
-def bench_moe(work: Path, shapes: list[str]) -> None:
+def bench_moe(work: Path, shapes: list[str], calibrated: bool = False) -> None:
     """W8A16 RTN (data-free: one expert's linear read at a time) on MoE-shaped synthetic checkpoints,
-    2 workers; each model is deleted after its run (the DeepSeek-V3 one is 25 GB)."""
+    2 workers; each model is deleted after its run (the DeepSeek-V3 one is 25 GB). ``calibrated``: W8A8
+    SmoothQuant + KV int8 on 16 × 256 tokens instead (a calibrating worker holds its MoE layer as stored)."""
     import dist_ptq.model.synthetic as synth
 
     path = RESULTS / "runner_moe.json"
@@ -181,14 +182,21 @@ def bench_moe(work: Path, shapes: list[str]) -> None:
         cp_s = copy_seconds(d, work, per_file=shape == "deepseek-v3")
         out = work / f"out-{shape}"
         shutil.rmtree(out, ignore_errors=True)
-        r = run_child(model=str(d), config=str(ROOT / "configs/w8a16_rtn.yaml"), out=str(out), workers=2)
+        recipe = "w8a8_smoothquant_kv_int8" if calibrated else "w8a16_rtn"
+        calib = dict(calib=str(calib_npy(work, 16, 256, 32000)), num_samples=16, seq_len=256, batch=4) if calibrated else {}
+        r = run_child(model=str(d), config=str(ROOT / f"configs/{recipe}.yaml"), out=str(out), workers=2, **calib)
         shutil.rmtree(out, ignore_errors=True)
-        data[shape] = {**r, "decoder_layers": layers, "model_gb": model_bytes(d) / 1e9, "cp_seconds": cp_s}
+        data[shape + (" calibrated" if calibrated else "")] = {
+            **r, "decoder_layers": layers, "model_gb": model_bytes(d) / 1e9, "cp_seconds": cp_s, "recipe": recipe,
+            "commit": head_commit()}
         shutil.rmtree(d)
     md = ("| model (synthetic, bf16) | size | worker peak RSS (GB) | driver peak RSS (GB) | wall (s) | `cp -r` (s) | wall / cp |\n"
           "|---|---:|---|---:|---:|---:|---:|\n")
-    for shape, r in data.items():
-        md += (f"| {shape} shape, {r['decoder_layers']} layers, W8A16 RTN, 2 workers | {r['model_gb']:.1f} GB | "
+    names = {"w8a16_rtn": "W8A16 RTN", "w8a8_smoothquant_kv_int8": "W8A8 SmoothQuant + KV int8 on 16 × 256 tokens"}
+    for key, r in data.items():
+        shape = key.removesuffix(" calibrated")
+        md += (f"| {shape} shape, {r['decoder_layers']} layers, {names[r.get('recipe', 'w8a16_rtn')]}, 2 workers | "
+               f"{r['model_gb']:.1f} GB | "
                f"{', '.join(f'{x / 1024:.2f}' for x in r['worker_peak_rss_mb'])} | {r['driver_peak_rss_mb'] / 1024:.2f} | "
                f"{r['seconds']:.0f} | {r['cp_seconds']:.0f} | {r['seconds'] / r['cp_seconds']:.2f} |\n")
     save("moe", data, md)
@@ -476,6 +484,8 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="calibrated: print the table of the recorded figures again")
     ap.add_argument("--moe-shapes", nargs="+", choices=list(MOE_SHAPES), default=list(MOE_SHAPES),
                     help="moe: which shapes to run; the others keep their recorded figures")
+    ap.add_argument("--calibrated", action="store_true",
+                    help="moe: W8A8 SmoothQuant + KV int8 on 16 x 256 tokens instead of data-free W8A16 RTN")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     {"memory": lambda: bench_memory(args.work), "speedup": lambda: bench_speedup(args.work, args.layers),
@@ -483,7 +493,7 @@ def main() -> None:
      "scaling": lambda: bench_scaling(args.work, args.hidden or [1024, 2048], args.configs),
      "calibrated": lambda: rerender_calibrated() if args.render else
                            bench_calibrated(args.work, args.baseline, args.layers7b, tuple(args.shapes), args.batch),
-     "moe": lambda: bench_moe(args.work, args.moe_shapes)}[args.what]()
+     "moe": lambda: bench_moe(args.work, args.moe_shapes, args.calibrated)}[args.what]()
 
 
 if __name__ == "__main__":
