@@ -62,13 +62,8 @@ def hash_new_shards(partial: Path, stop: threading.Event | None = None) -> None:
     for path in sorted(partial.glob("*.safetensors")):
         if stop is not None and stop.is_set():
             return
-        if recorded(partial, path.name) is not None:
-            continue
         try:
-            before = path.stat()
-            digest = sha256_file(path)
-            if _key(path.stat()) == _key(before):
-                record(partial, path.name, digest, before)
+            lookup(partial, path.name, keep=True)
         except OSError:  # renamed or removed while hashed: the manifest hashes whatever is there
             continue
 
