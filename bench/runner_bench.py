@@ -46,7 +46,7 @@ if a["workers"] * a.get("replicas", 1) > 1 or a.get("ray"):
     ray.init(num_cpus=a["workers"] * a.get("replicas", 1), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
 t1 = time.time()
-extra = {"activation_memory": a["activation_memory"]} if "activation_memory" in a else {}  # older code lacks it
+extra = {k: a[k] for k in ("activation_memory", "hold_moe_bytes") if k in a}  # older code lacks them
 rep = quantize(a["model"], a["config"], a["out"], calib=a.get("calib"), num_samples=a.get("num_samples", 16),
                seq_len=a.get("seq_len", 256), batch=a.get("batch", 4), workers=a["workers"], replicas=a.get("replicas", 1),
                schedule=a.get("schedule", "auto"), progress=False, threads=a.get("threads", 1), **extra)
@@ -164,10 +164,14 @@ def copy_seconds(model: Path, work: Path, per_file: bool = False) -> float:
     return secs
 
 
+HELD_FITS = ("qwen3-30b-a3b",)  # MoE shapes whose layer a worker here can hold whole (DeepSeek-V3's: 22 GB)
+
+
 def bench_moe(work: Path, shapes: list[str], calibrated: bool = False) -> None:
     """W8A16 RTN (data-free: one expert's linear read at a time) on MoE-shaped synthetic checkpoints,
     2 workers; each model is deleted after its run (the DeepSeek-V3 one is 25 GB). ``calibrated``: W8A8
-    SmoothQuant + KV int8 on 16 × 256 tokens instead (a calibrating worker holds its MoE layer as stored)."""
+    SmoothQuant + KV int8 on 16 × 256 tokens instead, its MoE layers streamed expert by expert, and where
+    a layer fits a worker, held whole in the same invocation for comparison."""
     import dist_ptq.model.synthetic as synth
 
     path = RESULTS / "runner_moe.json"
@@ -184,22 +188,26 @@ def bench_moe(work: Path, shapes: list[str], calibrated: bool = False) -> None:
         shutil.rmtree(out, ignore_errors=True)
         recipe = "w8a8_smoothquant_kv_int8" if calibrated else "w8a16_rtn"
         calib = dict(calib=str(calib_npy(work, 16, 256, 32000)), num_samples=16, seq_len=256, batch=4) if calibrated else {}
-        r = run_child(model=str(d), config=str(ROOT / f"configs/{recipe}.yaml"), out=str(out), workers=2, **calib)
-        shutil.rmtree(out, ignore_errors=True)
-        data[shape + (" calibrated" if calibrated else "")] = {
-            **r, "decoder_layers": layers, "model_gb": model_bytes(d) / 1e9, "cp_seconds": cp_s, "recipe": recipe,
-            "commit": head_commit()}
+        # calibrated: streamed expert by expert (the default), and side by side held whole where a layer fits
+        modes = [("", {})] + ([(" held", {"hold_moe_bytes": 1 << 40})] if calibrated and shape in HELD_FITS else [])
+        for suffix, extra in modes:
+            r = run_child(model=str(d), config=str(ROOT / f"configs/{recipe}.yaml"), out=str(out), workers=2, **calib, **extra)
+            shutil.rmtree(out, ignore_errors=True)
+            data[shape + (" calibrated" if calibrated else "") + suffix] = {
+                **r, "decoder_layers": layers, "model_gb": model_bytes(d) / 1e9, "cp_seconds": cp_s, "recipe": recipe,
+                "streamed": calibrated and not extra, "commit": head_commit()}
         shutil.rmtree(d)
     md = ("| model (synthetic, bf16) | size | worker peak RSS (GB) | driver peak RSS (GB) | wall (s) | `cp -r` (s) | wall / cp |\n"
           "|---|---:|---|---:|---:|---:|---:|\n")
     names = {"w8a16_rtn": "W8A16 RTN", "w8a8_smoothquant_kv_int8": "W8A8 SmoothQuant + KV int8 on 16 × 256 tokens"}
     for key, r in data.items():
-        shape = key.removesuffix(" calibrated")
-        md += (f"| {shape} shape, {r['decoder_layers']} layers, {names[r.get('recipe', 'w8a16_rtn')]}, 2 workers | "
+        shape = key.split(" ")[0]
+        how = (", experts streamed" if r.get("streamed") else ", MoE layer held whole") if " calibrated" in key else ""
+        md += (f"| {shape} shape, {r['decoder_layers']} layers, {names[r.get('recipe', 'w8a16_rtn')]}{how}, 2 workers | "
                f"{r['model_gb']:.1f} GB | "
                f"{', '.join(f'{x / 1024:.2f}' for x in r['worker_peak_rss_mb'])} | {r['driver_peak_rss_mb'] / 1024:.2f} | "
                f"{r['seconds']:.0f} | {r['cp_seconds']:.0f} | "
-               f"{'' if key.endswith(' calibrated') else format(r['seconds'] / r['cp_seconds'], '.2f')} |\n")
+               f"{'' if ' calibrated' in key else format(r['seconds'] / r['cp_seconds'], '.2f')} |\n")
     save("moe", data, md)
 
 

@@ -139,6 +139,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-expert-tokens", type=int, default=MIN_EXPERT_TOKENS, metavar="N",
                    help="MoE models: an expert routed fewer calibration tokens is calibrated on every token "
                         f"instead (default {MIN_EXPERT_TOKENS}; report.json lists those experts)")
+    p.add_argument("--hold-moe-bytes", default=None, metavar="SIZE",
+                   help="MoE models: a calibrated layer whose routed experts take more than this as stored is run "
+                        "expert by expert (each expert read twice) rather than held whole (default 512MiB)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -162,7 +165,7 @@ def _calibrate(args: argparse.Namespace, env: Environment) -> int:
     out = calibrate(
         args.model_dir, args.out, args.calib, num_samples=args.num_samples, seq_len=args.seq_len, batch=args.batch,
         overwrite=args.overwrite, activation_memory=args.activation_memory,
-        min_expert_tokens=args.min_expert_tokens, **_runtime_args(args, env),
+        min_expert_tokens=args.min_expert_tokens, hold_moe_bytes=args.hold_moe_bytes, **_runtime_args(args, env),
     )
     print(f"wrote statistics to {out}")
     return 0
@@ -176,7 +179,7 @@ def _quantize(args: argparse.Namespace, env: Environment) -> int:
         args.model_dir, args.config, args.out, calib=args.calib, num_samples=args.num_samples,
         seq_len=args.seq_len, schedule=args.schedule, batch=args.batch, stats=args.stats,
         overwrite=args.overwrite, resume=args.resume, tp=args.tp, activation_memory=args.activation_memory,
-        min_expert_tokens=args.min_expert_tokens, **_runtime_args(args, env),
+        min_expert_tokens=args.min_expert_tokens, hold_moe_bytes=args.hold_moe_bytes, **_runtime_args(args, env),
     )
     print_report(report)
     print(f"wrote {args.out}")

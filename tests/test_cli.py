@@ -75,22 +75,31 @@ def test_environment_is_read_at_the_cli_and_passed_down(model, monkeypatch, caps
     assert capsys.readouterr().err.strip() == "dist-ptq: error: DIST_PTQ_PIN_CPU must be 0 or 1, got 'no'"
 
 
-def test_activation_memory_is_passed_down_and_a_bad_size_is_one_clear_error(model, monkeypatch, capsys):
+@pytest.mark.parametrize("flag,bad,good", [("--activation-memory", "nope", "64MiB"),
+                                           ("--hold-moe-bytes", "all of it", "30GiB")])
+def test_a_size_flag_is_passed_down_and_a_bad_size_is_one_clear_error(model, monkeypatch, capsys, flag, bad, good):
     d, m = model
     from dist_ptq.runtime import coordinator
 
     args = ["quantize", str(m), "-c", str(CONFIGS / "w8a8_smoothquant_kv_int8.yaml"), "-o", str(d / "act"),
             "--calib", str(d / "calib.npy"), "--num-samples", "4", "--seq-len", "32"]
-    assert main(args + ["--activation-memory", "nope"]) == 2
+    assert main(args + [flag, bad]) == 2
     assert capsys.readouterr().err.strip() == (
-        "dist-ptq: error: --activation-memory 'nope' is not a size; expected a number with an optional unit "
+        f"dist-ptq: error: {flag} {bad!r} is not a size; expected a number with an optional unit "
         "(B, KB, MB, GB, KiB, MiB, GiB), e.g. 2GiB")
     assert not (d / "act").exists() and not (d / "act.partial").exists()
     got = {}
     monkeypatch.setattr(coordinator, "quantize", lambda *a, **kw: got.update(kw) or
                         {"layers": [], "total_seconds": 0.0, "schedule": "pipeline"})
-    assert main(args + ["--activation-memory", "64MiB"]) == 0 and got["activation_memory"] == "64MiB"
-    assert main(args) == 0 and got["activation_memory"] is None  # the default: resolved by the coordinator
+    key = flag[2:].replace("-", "_")
+    assert main(args + [flag, good]) == 0 and got[key] == good
+    assert main(args) == 0 and got[key] is None  # the default: resolved by the coordinator
+
+
+def test_hold_moe_bytes_defaults_to_512_mib():
+    from dist_ptq.runtime import coordinator
+
+    assert coordinator.hold_moe_limit("30GiB") == 30 << 30 and coordinator.hold_moe_limit(None) == 512 << 20
 
 
 @pytest.mark.parametrize("env,message", [

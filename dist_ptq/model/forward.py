@@ -170,9 +170,17 @@ def decoder_layer(
         raise ValueError("decoder_layer needs the layer index for a model whose layers differ (dense and MoE)")
     layer = spec.layer(0 if index is None else index)
     linear = linear or float_linear(weights)
-    b, s, _ = x.shape
-    cos, sin = rope[0][:s], rope[1][:s]
+    x, h = attention_block(weights, spec, x, rope, mask, linear, tap, kv)
+    if layer.moe is not None:
+        return x + sparse_mlp(weights, layer.moe, h, linear, tap, expert_floor)
+    return x + swiglu(linear, ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), h, tap, "down_in")
 
+
+def attention_block(weights: dict[str, Tensor], spec: ArchSpec, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
+                    linear: LinearFn, tap: TapFn | None = None, kv: KVFn | None = None) -> tuple[Tensor, Tensor]:
+    """The layer up to its MLP: (the residual stream after attention, the MLP's normed input)."""
+    s = x.shape[1]
+    cos, sin = rope[0][:s], rope[1][:s]
     h = rms_norm(x, weights["input_layernorm.weight"], spec.rms_norm_eps)
     if tap:
         tap("attn_in", h)
@@ -180,13 +188,10 @@ def decoder_layer(
         x = x + mla_attention(weights, spec.mla, spec.num_heads, h, (cos, sin), mask[:s, :s], linear, tap, kv)
     else:
         x = x + attention(weights, spec, h, (cos, sin), mask[:s, :s], linear, tap, kv)
-
     h = rms_norm(x, weights["post_attention_layernorm.weight"], spec.rms_norm_eps)
     if tap:
         tap("mlp_in", h)
-    if layer.moe is not None:
-        return x + sparse_mlp(weights, layer.moe, h, linear, tap, expert_floor)
-    return x + swiglu(linear, ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), h, tap, "down_in")
+    return x, h
 
 
 def attention(weights: dict[str, Tensor], spec: ArchSpec, h: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
@@ -293,30 +298,51 @@ def sparse_mlp(weights: dict[str, Tensor], moe: MoESpec, h: Tensor, linear: Line
     times the routing weight, is added into those tokens' rows (in expert order, as HF's loop does)."""
     b, s, hid = h.shape
     flat = h.reshape(b * s, hid)
-    bias = weights[moe.correction_bias_name].asnumpy() if moe.correction_bias_name else None
-    experts, route_w = route(matmul_t(flat, weights[moe.router]).asnumpy(), moe, bias)
+    experts, route_w = route_tokens(weights, moe, flat)
     out = np.zeros((b * s, hid), np.float32)
     for e in range(moe.num_experts):
-        rows, slots = tokens_of(experts, e)
-        names = moe.expert(e)
-        if tap and rows.size < expert_floor:
-            act_all = ops.silu(linear(names[0], flat)) * linear(names[1], flat)
-            tap(expert_fallback_tap(e), act_all)
-        if rows.size == 0:
-            continue
-        xe = ops.gather(flat, Tensor(rows.astype(np.int32)), 0)
-        x_in, d_in = expert_groups(e)
-        if tap:
-            tap(x_in, xe)
-        ye = swiglu(linear, names, xe, tap, d_in).asnumpy()
-        out[rows] += route_w[rows, slots][:, None] * ye
-    y = Tensor(out).reshape(b, s, hid)
-    if moe.shared:
-        shared = swiglu(linear, moe.shared, h, tap, "shared_down_in")
-        if moe.shared_gate_name:
-            shared = shared * ops.sigmoid(matmul_t(h, weights[moe.shared_gate_name]))
-        y = y + shared
-    return y
+        add_expert(out, linear, moe, e, flat, experts, route_w, tap, expert_floor)
+    return routed_plus_shared(out, h.shape, shared_mlp(weights, moe, h, linear, tap))
+
+
+def route_tokens(weights: dict[str, Tensor], moe: MoESpec, flat: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(experts (T, k), weights (T, k)) of the tokens ``flat`` (T, H), from the router's float logits."""
+    bias = weights[moe.correction_bias_name].asnumpy() if moe.correction_bias_name else None
+    return route(matmul_t(flat, weights[moe.router]).asnumpy(), moe, bias)
+
+
+def add_expert(out: np.ndarray, linear: LinearFn, moe: MoESpec, e: int, flat: Tensor, experts: np.ndarray,
+               route_w: np.ndarray, tap: TapFn | None = None, expert_floor: int = 0) -> None:
+    """Expert ``e`` on the rows of ``flat`` routed to it, times their routing weight, added into ``out`` (T, H)."""
+    rows, slots = tokens_of(experts, e)
+    names = moe.expert(e)
+    if tap and rows.size < expert_floor:
+        act_all = ops.silu(linear(names[0], flat)) * linear(names[1], flat)
+        tap(expert_fallback_tap(e), act_all)
+    if rows.size == 0:
+        return
+    xe = ops.gather(flat, Tensor(rows.astype(np.int32)), 0)
+    x_in, d_in = expert_groups(e)
+    if tap:
+        tap(x_in, xe)
+    ye = swiglu(linear, names, xe, tap, d_in).asnumpy()
+    out[rows] += route_w[rows, slots][:, None] * ye
+
+
+def shared_mlp(weights: dict[str, Tensor], moe: MoESpec, h: Tensor, linear: LinearFn, tap: TapFn | None) -> Tensor | None:
+    """The shared expert on every token (times its sigmoid gate where it has one); None without one."""
+    if not moe.shared:
+        return None
+    shared = swiglu(linear, moe.shared, h, tap, "shared_down_in")
+    if moe.shared_gate_name:
+        shared = shared * ops.sigmoid(matmul_t(h, weights[moe.shared_gate_name]))
+    return shared
+
+
+def routed_plus_shared(out: np.ndarray, shape: tuple[int, ...], shared: Tensor | None) -> Tensor:
+    """The MoE block's output: the experts' sum (T, H) in ``shape``, plus the shared expert's."""
+    y = Tensor(out).reshape(*shape)
+    return y + shared if shared is not None else y
 
 
 def embed(embed_weight: Tensor, ids: np.ndarray) -> Tensor:

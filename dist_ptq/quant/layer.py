@@ -16,7 +16,7 @@ then GPTQ (Hessian diag(1/s) H diag(1/s) when smoothed) or RTN with the clip rat
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy as np
 from dist_ptq.config import (AWQConfig, GPTQQuantConfig, OSLConfig, OutliersSuppressionType, PrecisionRecovery, PTQConfig,
                              QuantGranularity, SmoothQuantConfig)
 from dist_ptq.errors import CalibrationError, ConfigError
-from dist_ptq.model.arch import ArchSpec, LayerSpec
+from dist_ptq.model.arch import ArchSpec, LayerSpec, expert_groups
 from dist_ptq.quant import primitives as P
 from dist_ptq.quant.awq import awq_search
 from dist_ptq.quant.clip import act_clip_search, clip_search
@@ -40,7 +40,7 @@ from dist_ptq.quant.smooth import smooth_scale
 Sink = Callable[[str, np.ndarray, bool], None]
 _EMPTY = np.empty(0, np.float32)
 
-__all__ = ["QuantizedLayer", "QuantLinear", "Recovery", "check_group_size", "quantize_layer", "read_order", "round_to_dtype"]
+__all__ = ["QuantizedLayer", "QuantLinear", "Recovery", "check_group_size", "layer_parts", "quantize_layer", "read_order", "round_to_dtype"]
 
 
 def round_to_dtype(a: np.ndarray, tag: str) -> np.ndarray:
@@ -169,6 +169,14 @@ def check_group_size(linear: str, ic: int, group_size: int) -> None:
         )
 
 
+def layer_parts(layer: LayerSpec) -> list[tuple[frozenset[str], tuple[str, ...]]]:
+    """A MoE layer as parts quantized one after another: (input groups, linears) of everything but the
+    routed experts first (attention, shared expert; the float tensors go with it), then each expert's."""
+    experts = [frozenset(expert_groups(e)) for e in range(layer.moe.num_experts)] if layer.moe else []
+    rest = frozenset(layer.input_groups) - frozenset().union(*experts)
+    return [(g, tuple(m for grp in sorted(g) for m in layer.input_groups[grp])) for g in [rest, *experts]]
+
+
 def read_order(layer: LayerSpec, names: Iterable[str]) -> list[str]:
     """The order :func:`quantize_layer` reads a layer's tensors in when every linear is quantized:
     the readers of each input in turn (weight, then bias), then the float tensors by name."""
@@ -185,6 +193,7 @@ def quantize_layer(
     spec: ArchSpec,
     model_dtype: str = "BF16",
     sink: Sink | None = None,
+    part: Collection[str] | None = None,
 ) -> QuantizedLayer:
     """Apply ``cfg`` (with its blacklist and layer policies) to decoder layer ``index``.
 
@@ -192,12 +201,17 @@ def quantize_layer(
     tensor is then looked up once and dropped once quantized, so one float linear is held at a time.
     ``sink`` takes each output tensor as soon as it is made instead of ``QuantizedLayer.tensors``
     (a MoE layer's output can be larger than a worker's memory); the linears then keep their kind and
-    recovery record only, not their weights."""
+    recovery record only, not their weights.
+
+    ``part``: quantize only these input groups' linears (:func:`layer_parts`), ``weights`` holding
+    exactly the part's tensors; the KV-cache scales go with the part holding 'attn_in'. A MoE layer
+    quantized part by part gives the values of the whole, since no expert's math reads another's."""
     prefix, layer = spec.layer_prefix(index), spec.layer(index)
     out = QuantizedLayer(tensors={}, description={}, model_dtype=set())
     put = sink or (lambda name, a, in_model_dtype, int4: out.tensors.__setitem__(name, a))
     quantized = set()
-    groups = {g: _group_configs(index, prefix, members, cfg) for g, members in layer.input_groups.items()}
+    groups = {g: _group_configs(index, prefix, members, cfg) for g, members in layer.input_groups.items()
+              if part is None or g in part}
     for cfgs, _ in groups.values():
         for m, c in cfgs.items():
             check_group_size(prefix + m, layer.dims(m)[1], c.group_size)
@@ -280,7 +294,7 @@ def quantize_layer(
             out.model_dtype.add(name)
 
     out.kv = kv_scheme(cfg, prefix)
-    if out.kv is KVScheme.C8:
+    if out.kv is KVScheme.C8 and (part is None or "attn_in" in part):
         kv = static_kv_scales(_need(stats, "k", index).absmax, _need(stats, "v", index).absmax)
         for name, a in kv.items():
             put(name, a, False, False)

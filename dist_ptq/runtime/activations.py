@@ -24,15 +24,15 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
 
-def parse_bytes(text: str | int) -> int:
-    """'2GiB', '512MiB', '1.5GB', '1000000' → bytes; anything else is one clear error."""
+def parse_bytes(text: str | int, flag: str = "--activation-memory") -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' → bytes; anything else is one clear error naming ``flag``."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
-            raise ConfigError(f"--activation-memory must be a non-negative size, got {text}")
+            raise ConfigError(f"{flag} must be a non-negative size, got {text}")
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text), flags=re.IGNORECASE)
     if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(f"--activation-memory {text!r} is not a size; expected a number with an optional unit "
+        raise ConfigError(f"{flag} {text!r} is not a size; expected a number with an optional unit "
                           "(B, KB, MB, GB, KiB, MiB, GiB), e.g. 2GiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 

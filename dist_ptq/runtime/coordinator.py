@@ -46,6 +46,7 @@ from dist_ptq.runtime import stats_io
 from dist_ptq.runtime.activations import default_budget, parse_bytes
 from dist_ptq.runtime.layer_result import LayerResult
 from dist_ptq.runtime.layer_steps import Needs
+from dist_ptq.runtime.moe_stream import HOLD_MOE_BYTES
 from dist_ptq.runtime.plan import Stage, check_group_sizes, plan_stages, replica_batches, tensor_bytes
 from dist_ptq.runtime.progress import Progress
 from dist_ptq.runtime.ray_cluster import PLACEMENT_TIMEOUT_S
@@ -93,6 +94,11 @@ def _expert_floor(spec: ArchSpec, min_expert_tokens: int) -> int:
     if min_expert_tokens < 1:
         raise ConfigError(f"min_expert_tokens must be at least 1, got {min_expert_tokens}")
     return min_expert_tokens if spec.moe is not None else 0
+
+
+def hold_moe_limit(hold_moe_bytes: int | str | None) -> int:
+    """--hold-moe-bytes as bytes; None: :data:`~dist_ptq.runtime.moe_stream.HOLD_MOE_BYTES`."""
+    return HOLD_MOE_BYTES if hold_moe_bytes is None else parse_bytes(hold_moe_bytes, "--hold-moe-bytes")
 
 
 def activation_budget(activation_memory: int | str | None, n_workers: int) -> int:
@@ -224,6 +230,7 @@ def run_layer_major(workers: Workers, batches: list[np.ndarray], progress: Progr
             resolve([invoke(row[r].receive, b, invoke(grid[k - 1][r].send, b)) for r in range(R) for b in owned[r]])
         progress.start(k)
         for i in st.layers:
+            steps = resolve(invoke(row[0].expert_steps, i))  # a MoE layer streamed expert by expert
             merged = None
             if not (sequential and i in done):
                 per_batch = gather([(b, lambda r=r, b=b: invoke(row[r].observe, i, b)) for r in range(R) for b in owned[r]],
@@ -231,6 +238,11 @@ def run_layer_major(workers: Workers, batches: list[np.ndarray], progress: Progr
                 if i not in done:
                     merged = merge_batches({b: {i: s} for b, s in per_batch.items()}, [i])[i]
                 del per_batch
+                for e0, e1 in steps:  # the experts' statistics, merged a range of experts at a time
+                    part = _per_batch(gather([(r, lambda r=r: invoke(row[r].observe_experts, i, e0, e1)) for r in range(R)],
+                                             lambda r: progress.note(k, i, f"calibrating experts {e1}/{steps[-1][1]}")))
+                    if merged is not None:
+                        merged.update(merge_batches({b: {i: s} for b, s in part.items()}, [i])[i])
             else:
                 progress.skip(k, M)
             errors = {}
@@ -239,6 +251,10 @@ def run_layer_major(workers: Workers, batches: list[np.ndarray], progress: Progr
                 if sequential or i not in done:
                     errors = gather([(b, lambda r=r, b=b: invoke(row[r].measure, i, b)) for r in range(R) for b in owned[r]],
                                     lambda b: progress.step(k, i, "measuring", b))
+                    for e0, e1 in steps:
+                        errors.update(_per_batch(gather(
+                            [(r, lambda r=r: invoke(row[r].measure_experts, i, e0, e1)) for r in range(R)],
+                            lambda r: progress.note(k, i, f"quantizing experts {e1}/{steps[-1][1]}"))))
                 else:
                     progress.skip(k, M)
             else:
@@ -247,6 +263,11 @@ def run_layer_major(workers: Workers, batches: list[np.ndarray], progress: Progr
             if res is not None:
                 results.append(replace(res, errors=errors))
     return results, stats
+
+
+def _per_batch(per_replica: dict[int, dict[int, object]]) -> dict[int, object]:
+    """{replica: {micro-batch: value}} → {micro-batch: value}."""
+    return {b: v for part in per_replica.values() for b, v in part.items()}
 
 
 def run_without_data(workers: Workers, stats: dict[int, LayerStats] | None, progress: Progress) -> list[LayerResult]:
@@ -409,6 +430,7 @@ def quantize(
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     activation_memory: int | str | None = None,
     min_expert_tokens: int = MIN_EXPERT_TOKENS,
+    hold_moe_bytes: int | str | None = None,
 ) -> dict:
     """Quantize ``model_dir`` with ``config`` into ``out_dir``; returns the report (also report.json).
 
@@ -422,13 +444,17 @@ def quantize(
     (bytes or a size such as "2GiB") bounds the calibration hidden states each worker keeps in memory;
     beyond it they spill to local disk (runtime/activations.py). Default: :func:`activation_budget`.
     On a MoE model, an expert routed fewer than ``min_expert_tokens`` calibration tokens is calibrated
-    on every token instead (quant/expert_stats.py; report.json lists them)."""
+    on every token instead (quant/expert_stats.py; report.json lists them). A calibrated MoE layer
+    whose routed experts take more than ``hold_moe_bytes`` (bytes or a size; default 512 MiB) as
+    stored is run expert by expert, each expert read twice (runtime/moe_stream.py); a smaller one is
+    held whole and read once."""
     t_start = time.time()
     cfg = _load_config(config)
     model_dir, out_dir = Path(model_dir).absolute(), Path(out_dir).absolute()  # actors on other nodes resolve paths themselves
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     act_bytes = activation_budget(activation_memory, workers * replicas)
+    hold = hold_moe_limit(hold_moe_bytes)
     spec, model_dtype = _read_source(model_dir)
     sched = _check_recipe(cfg, spec, schedule, tp, stats)
     floor = _expert_floor(spec, min_expert_tokens)
@@ -450,7 +476,7 @@ def quantize(
         model_dir=str(model_dir), cfg=record["config"], partial=str(partial), seq_len=seq_len,
         needs=calibration_needs(cfg, len(data.batches), floor), recipe=commit.start(partial, record, resume),
         device=device, threads=threads, pin_cpu=pin_cpu, activation_memory=act_bytes,
-        hand_on_quantized=sched is Schedule.SEQUENTIAL,
+        hand_on_quantized=sched is Schedule.SEQUENTIAL, hold_moe_bytes=hold,
     )
     first = "calibrating" if data.batches else sched.value
     with digests.BackgroundHasher(partial):  # the manifest's hashing, done while the workers write
@@ -502,6 +528,7 @@ def calibrate(
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     activation_memory: int | str | None = None,
     min_expert_tokens: int = MIN_EXPERT_TOKENS,
+    hold_moe_bytes: int | str | None = None,
 ) -> Path:
     """Run the pipeline's calibration pass only and save the merged statistics (``quantize --stats``).
 
@@ -514,7 +541,8 @@ def calibrate(
     settings = WorkerSettings(model_dir=str(model_dir), cfg=PTQConfig().to_dict(), partial="", seq_len=seq_len,
                               device=device, threads=threads, pin_cpu=pin_cpu,
                               needs=Needs(min_expert_tokens=_expert_floor(spec, min_expert_tokens)),
-                              activation_memory=activation_budget(activation_memory, workers * replicas))
+                              activation_memory=activation_budget(activation_memory, workers * replicas),
+                              hold_moe_bytes=hold_moe_limit(hold_moe_bytes))
     pool = Workers(stages, replicas, lambda stage, r: (settings, False, {}), address, placement_timeout_s)
     bar = Progress(stages, "calibrating", enabled=progress, tokens_per_batch=batch * seq_len,
                    steps_per_layer=len(data.batches))

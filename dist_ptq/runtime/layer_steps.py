@@ -26,11 +26,8 @@ class Needs:
     min_expert_tokens: int = 0  # an expert routed fewer calibration tokens takes fallback statistics
 
 
-def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer: int, needs: Needs = Needs(),
-                  linear=None):
-    """The float layer on one micro-batch: (output, statistics of every tap); ``linear`` (default: the
-    float linears of ``weights``) lets a caller supply the weights linear by linear."""
-    stats: LayerStats = {}
+def layer_tap(stats: LayerStats, layer: int, needs: Needs = Needs()):
+    """A forward ``tap`` that records into ``stats`` each tapped activation's statistics."""
 
     def tap(name: str, t: ms.Tensor) -> None:
         a = t.asnumpy()
@@ -39,8 +36,16 @@ def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer
         stats[name] = observe(a, f"layer {layer} {name}", hessian=needs.hessian and not kv,
                               sample_rows=0 if kv else needs.sample_rows)
 
-    return decoder_layer(weights, spec, x, rope.cos_sin, rope.mask, linear=linear, tap=tap, index=layer,
-                         expert_floor=needs.min_expert_tokens), stats
+    return tap
+
+
+def observe_batch(weights: dict[str, ms.Tensor], spec, rope, x: ms.Tensor, layer: int, needs: Needs = Needs(),
+                  linear=None):
+    """The float layer on one micro-batch: (output, statistics of every tap); ``linear`` (default: the
+    float linears of ``weights``) lets a caller supply the weights linear by linear."""
+    stats: LayerStats = {}
+    return decoder_layer(weights, spec, x, rope.cos_sin, rope.mask, linear=linear, tap=layer_tap(stats, layer, needs),
+                         index=layer, expert_floor=needs.min_expert_tokens), stats
 
 
 def batch_errors(x: ms.Tensor, y_float: ms.Tensor, y_quant: ms.Tensor) -> np.ndarray:

@@ -66,6 +66,10 @@ class Progress:
         bar.update(1)
         bar.set_postfix_str("done" if bar.n >= bar.total else self.status(stage, layer, phase, batch))
 
+    def note(self, stage: int, layer: int, what: str) -> None:
+        """Work inside a step (a streamed MoE layer's experts): shown, not counted."""
+        self.bars[stage].set_postfix_str(f"layer {layer} {what}")
+
     def skip(self, stage: int, steps: int) -> None:
         """Steps a resumed layer does not need (its commit stands for them)."""
         self.bars[stage].update(steps)

@@ -33,14 +33,15 @@ from dist_ptq.model.layer_source import Rope
 from dist_ptq.model.safetensors_io import DTYPES, SafetensorsFile, bf16_bits_to_float32
 from dist_ptq.quant.expert_stats import resolve_expert_stats
 from dist_ptq.quant.fake import fake_kv, fake_linear, layer_weights_for
-from dist_ptq.quant.layer import QuantizedLayer, quantize_layer, read_order
+from dist_ptq.quant.layer import QuantizedLayer, layer_parts, quantize_layer, read_order
 from dist_ptq.quant.observers import LayerStats
 from dist_ptq.quant.rebuild import layer_aux, rebuild_layer
 from dist_ptq.runtime import cpu_pin
 from dist_ptq.runtime.activations import Budget, HiddenStates
 from dist_ptq.runtime.layer_result import LayerResult
-from dist_ptq.runtime.layer_steps import (Needs, activation_record, batch_errors, deploy_tensors, observe_batch,
+from dist_ptq.runtime.layer_steps import (Needs, activation_record, batch_errors, deploy_tensors, layer_tap, observe_batch,
                                          recovery_record)
+from dist_ptq.runtime.moe_stream import HOLD_MOE_BYTES, MoEPass, expert_chunks
 from dist_ptq.runtime.plan import Stage
 
 EMBED = "model.embed_tokens.weight"
@@ -132,6 +133,7 @@ class WorkerSettings:
     activation_memory: int = 2 << 30  # bytes of hidden states kept in memory before spilling to disk
     spill_dir: str | None = None  # where spilled hidden states go; None: the system temp directory
     hand_on_quantized: bool = False
+    hold_moe_bytes: int = HOLD_MOE_BYTES  # a MoE layer whose experts are larger is calibrated expert by expert
     kill_after_commits: int | None = None  # fault injection for tests: SIGKILL itself after N commits
 
 
@@ -171,6 +173,34 @@ def float_from_stored(stored: dict[str, tuple[np.ndarray, str]]):
     return linear
 
 
+def merge_parts(parts: list[QuantizedLayer]) -> QuantizedLayer:
+    """The record of a layer quantized part by part (its tensors already written): descriptions,
+    linears without their weights, the KV scheme and scales, AWQ's float overrides."""
+    first = parts[0]
+    out = QuantizedLayer(tensors={n: a for n, a in first.tensors.items() if first.description.get(n) == first.kv},
+                         description={}, model_dtype=set(), kv=first.kv, float_overrides=dict(first.float_overrides))
+    for p in parts:
+        out.description.update(p.description)
+        out.model_dtype |= p.model_dtype
+        out.int4 |= p.int4
+        out.linears.update({m: replace(lin, q=np.empty(0, np.int8), scale=np.empty(0, np.float32), bias=None)
+                            for m, lin in p.linears.items()})
+    return out
+
+
+@dataclass
+class _Streamed:
+    """A MoE layer calibrated expert by expert (runtime/moe_stream.py): what its passes hold."""
+
+    experts: list[list[str]]  # each routed expert's tensors (layer-local names), read when its turn comes
+    float_pass: MoEPass | None = None
+    quant_pass: MoEPass | None = None
+    stats: LayerStats | None = None  # the merged statistics the experts are quantized with
+    record: dict | None = None  # report.json's experts entry
+    parts: list[QuantizedLayer] | None = None  # the parts quantized so far, their weights dropped
+    shard: StreamedShard | None = None
+
+
 @dataclass
 class _Layer:
     """The layer in flight: as stored, its float32 MindSpore tensors while float passes need them,
@@ -184,6 +214,7 @@ class _Layer:
     result: LayerResult | None = None
     float_linear: object = None  # the float linears from ``stored``, when a measured pass needs them
     measure: tuple | None = None  # (weights, linear, kv) of the quantized forward
+    moe: _Streamed | None = None  # a MoE layer streamed expert by expert
 
 
 class StageWorker:
@@ -210,6 +241,7 @@ class StageWorker:
         self.outputs = HiddenStates(self.budget, "b")  # micro-batch → its float (then handed-on) output
         self.layer: _Layer | None = None
         self.linear_names = frozenset(m for i in stage.layers for m in self.spec.layer(i).linear_names)
+        self.hold_moe_bytes = settings.hold_moe_bytes
         self._embed_written: dict | None = None  # the first stage's embedding shard, written while embedding
 
     def _count_read(self, name: str) -> None:
@@ -229,20 +261,53 @@ class StageWorker:
                 "tensor_reads": sum(self.reads.values()), "bytes_read": int(nbytes),
                 "peak_rss_mb": round(peak_rss_mb(), 1), "activations": self.budget.record(), "io": proc_io()}
 
+    def _streamed_experts(self, layer: int) -> list[list[str]] | None:
+        """Each routed expert's tensors (layer-local names) when ``layer`` is a MoE layer whose experts
+        take more than ``hold_moe_bytes`` as stored; None: the layer is held whole."""
+        moe = self.spec.layer(layer).moe
+        if moe is None:
+            return None
+        prefix, shapes = self.spec.layer_prefix(layer), self.spec.layer_shapes(layer)
+        experts = [[f"{m}.{t}" for m in moe.expert(e) for t in ("weight", "bias") if f"{prefix}{m}.{t}" in shapes]
+                   for e in range(moe.num_experts)]
+        nbytes = sum(prod(self.ckpt.shape(prefix + n)) * np.dtype(DTYPES[self.ckpt.dtype_of(prefix + n)]).itemsize
+                     for names in experts for n in names)
+        return experts if nbytes > self.hold_moe_bytes else None
+
+    def expert_steps(self, layer: int) -> list[tuple[int, int]]:
+        """The expert ranges ``observe_experts`` / ``measure_experts`` take for ``layer``, in order;
+        empty for a layer held whole (its ``observe`` / ``measure`` do everything)."""
+        experts = self._streamed_experts(layer)
+        return expert_chunks(len(experts)) if experts else []
+
     def _load(self, layer: int) -> _Layer:
-        """Layer ``layer`` in float32, read once; the previous layer is released first."""
+        """Layer ``layer`` read once (a streamed MoE layer: all but its routed experts); the previous
+        layer is released first."""
         if self.layer is not None and self.layer.index == layer:
             return self.layer
         self.layer = None
         t0 = time.time()
         prefix = self.spec.layer_prefix(layer)
-        stored = {n[len(prefix):]: self.ckpt.get_stored(n) for n in sorted(self.spec.layer_shapes(layer))}
+        experts = self._streamed_experts(layer)
+        skip = {n for names in experts or [] for n in names}
+        stored = {n[len(prefix):]: self.ckpt.get_stored(n) for n in sorted(self.spec.layer_shapes(layer))
+                  if n[len(prefix):] not in skip}
         # float32 MindSpore tensors only for what is not a linear weight (norms); the linears are converted
         # when the forward calls them (float_from_stored), so the layer is never whole in float32
         tensors = {n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in stored.items()
                    if n.rsplit(".", 1)[0] not in self.linear_names}
         self.layer = _Layer(layer, stored, tensors, t0)
+        if experts is not None:
+            self.layer.moe = _Streamed(experts, float_pass=MoEPass(self.spec, layer, self.budget, "float"))
         return self.layer
+
+    def _read_expert(self, cur: _Layer, e: int) -> dict[str, tuple[np.ndarray, str]]:
+        """Routed expert ``e`` of the streamed layer as stored; the next expert's reading starts behind it."""
+        prefix, experts = self.spec.layer_prefix(cur.index), cur.moe.experts
+        out = {n: self.ckpt.get_stored(prefix + n) for n in experts[e]}
+        for n in experts[(e + 1) % len(experts)]:
+            self.ckpt.prefetch(prefix + n)
+        return out
 
     def embed_inputs(self, batches: dict[int, np.ndarray]) -> None:
         """First stage: embed this replica's micro-batches and keep them as the first layer's inputs.
@@ -270,17 +335,47 @@ class StageWorker:
     # ---- one layer, layer-major --------------------------------------------------------------
     def observe(self, layer: int, batch: int) -> LayerStats:
         """Float pass of one micro-batch through ``layer`` (loaded on first use): its statistics;
-        the float output is kept for the next layer (pipeline) or for measuring (sequential)."""
+        the float output is kept for the next layer (pipeline) or for measuring (sequential).
+        A streamed MoE layer runs the micro-batch up to its routed experts (``observe_experts``)."""
         cur = self._load(layer)
-        y, stats = observe_batch(cur.tensors, self.spec, self.rope, ms.Tensor(self.inputs.get(batch)), layer, self.needs,
-                                 linear=float_from_stored(cur.stored))
+        x = ms.Tensor(self.inputs.get(batch))
+        if cur.moe is not None:
+            stats: LayerStats = {}
+            cur.moe.float_pass.begin(batch, cur.tensors, x, self.rope.cos_sin, self.rope.mask,
+                                     float_from_stored(cur.stored), layer_tap(stats, layer, self.needs))
+            return stats
+        y, stats = observe_batch(cur.tensors, self.spec, self.rope, x, layer, self.needs, linear=float_from_stored(cur.stored))
         self.outputs.put(batch, y.asnumpy())
         return stats
+
+    def observe_experts(self, layer: int, e0: int, e1: int) -> dict[int, LayerStats]:
+        """Routed experts [e0, e1) of the streamed layer in float, each read once, on every micro-batch
+        ``observe`` began: their statistics per micro-batch. After the last expert every micro-batch's
+        float output is kept, as ``observe`` keeps a held layer's."""
+        cur = self._streamed(layer)
+        run = cur.moe.float_pass
+        stats: dict[int, LayerStats] = {b: {} for b in run.batches}
+        taps = {b: layer_tap(st, layer, self.needs) for b, st in stats.items()}
+        for e in range(e0, e1):
+            run.expert(e, float_from_stored(self._read_expert(cur, e)), taps, self.needs.min_expert_tokens)
+        if e1 == len(cur.moe.experts):
+            for b in run.batches:
+                self.outputs.put(b, run.output(b).asnumpy())
+            cur.moe.float_pass = None
+        return stats
+
+    def _streamed(self, layer: int) -> _Layer:
+        cur = self.layer
+        if cur is None or cur.index != layer or cur.moe is None:
+            raise RuntimeError(f"layer {layer} is not a streamed MoE layer in flight on this worker; this is a bug in the coordinator")
+        return cur
 
     def quantize(self, layer: int, merged: LayerStats | None) -> None:
         """Quantize the layer in flight with the merged statistics and write it (or take it from its
         commit); then the float linears it replaced are released and the quantized forward prepared."""
         cur = self._load(layer)
+        if cur.moe is not None:
+            return self._quantize_streamed(cur, merged)
         if layer in self.committed:
             cur.result = self._resumed(layer)
             if self.hand_on_quantized:  # the next layer calibrates on the committed layer's outputs
@@ -302,22 +397,131 @@ class StageWorker:
         wq = layer_weights_for(cur.ql, cur.tensors)  # AWQ may have changed float tensors (norms)
         cur.measure = (wq, quantized_linears(cur.ql, wq), fake_kv(cur.ql, self.spec.cache_heads))
 
-    def measure(self, layer: int, batch: int) -> np.ndarray:
+    def _quantize_streamed(self, cur: _Layer, merged: LayerStats | None) -> None:
+        """``quantize`` of a streamed MoE layer: all but its routed experts now (those are quantized
+        one by one in ``measure_experts``), or rebuilt from the commit; then its measured pass set up."""
+        layer, m = cur.index, cur.moe
+        core_groups, _ = layer_parts(self.spec.layer(layer))[0]
+        if layer in self.committed:
+            cur.result = self._resumed(layer)
+            if not self.hand_on_quantized:  # pipeline: the float pass is all the next layer needs
+                cur.stored = {}
+                return
+            expert_linears = {n.rsplit(".", 1)[0] for names in m.experts for n in names}
+            cur.ql = self._rebuild(layer, lambda n: n.rsplit(".", 1)[0] not in expert_linears)
+        else:
+            m.stats, m.record = resolve_expert_stats(merged, self.spec.layer(layer), self.needs.min_expert_tokens)
+            cur.ql = quantize_layer(layer, StoredLayer(cur.stored), m.stats, self.cfg, self.spec, self.model_dtype,
+                                    part=core_groups)
+            if self.writer:
+                m.shard = StreamedShard(self.partial, shard_file(self.cfg.backend, layer + 1, self.n_shards),
+                                        self.model_dtype, self.spec.layer_prefix(layer))
+            self._write_part(cur, cur.ql)
+        plain = self.linear_names - set(cur.ql.linears)
+        cur.tensors.update({n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in cur.stored.items()
+                            if n.rsplit(".", 1)[0] in plain})
+        if len(self.outputs) == len(self.inputs):
+            cur.stored = {}
+        else:  # a committed layer in the sequential schedule: its float pass runs beside the measured one
+            cur.float_linear = float_from_stored(cur.stored)
+            m.float_pass = MoEPass(self.spec, layer, self.budget, "float")
+        m.quant_pass = MoEPass(self.spec, layer, self.budget, "quant")
+        wq = layer_weights_for(cur.ql, cur.tensors)
+        cur.measure = (wq, quantized_linears(cur.ql, wq), fake_kv(cur.ql, self.spec.cache_heads))
+
+    def _write_part(self, cur: _Layer, ql: QuantizedLayer) -> None:
+        cur.moe.parts = (cur.moe.parts or []) + [self._part_written(cur.moe.shard, ql)]
+
+    def _part_written(self, shard: StreamedShard | None, ql: QuantizedLayer) -> QuantizedLayer:
+        """Hand a quantized part's deploy tensors to the layer's shard (the writer's; None elsewhere);
+        returns the part's record, its weights dropped."""
+        if shard is not None:
+            tensors, mdt, int4, _ = deploy_tensors(ql, self.cfg.backend)
+            for n, a in tensors.items():
+                shard.add(n, a, n in mdt, n in int4)
+        return merge_parts([ql])
+
+    def _quantize_in_parts(self, layer: int, stats: LayerStats) -> LayerResult:
+        """A MoE layer too large to hold, quantized from given statistics (--stats) part by part
+        (quant/layer.py ``layer_parts``): one routed expert in float32 at a time, the same values."""
+        prefix, spec = self.spec.layer_prefix(layer), self.spec.layer(layer)
+        stats, experts = resolve_expert_stats(stats, spec, self.needs.min_expert_tokens)
+        shard = StreamedShard(self.partial, shard_file(self.cfg.backend, layer + 1, self.n_shards), self.model_dtype,
+                              prefix) if self.writer else None
+        routed = self._streamed_experts(layer)
+        done = {n for names in routed for n in names}
+        rest = [n[len(prefix):] for n in sorted(self.spec.layer_shapes(layer)) if n[len(prefix):] not in done]
+        parts = []
+        for (groups, _), names in zip(layer_parts(spec), [rest, *routed]):
+            weights = {n: self.ckpt.get(prefix + n) for n in names}
+            parts.append(self._part_written(shard, quantize_layer(layer, weights, stats, self.cfg, self.spec,
+                                                                  self.model_dtype, part=groups)))
+            del weights
+        ql = merge_parts(parts)
+        desc = ql.description if self.cfg.backend is BackendTarget.ASCEND else None
+        return self._layer_result(layer, ql, experts, desc, shard.close if shard is not None else None)
+
+    def measure(self, layer: int, batch: int) -> np.ndarray | None:
         """Per-sample error of the quantized layer on micro-batch ``batch``; in the sequential schedule
-        its quantized output replaces the float one as what the next layer sees."""
+        its quantized output replaces the float one as what the next layer sees. A streamed MoE layer
+        runs the micro-batch up to its routed experts and returns None (``measure_experts`` finishes)."""
         cur = self.layer
         if cur is None or cur.index != layer or cur.measure is None:
             raise RuntimeError(f"layer {layer} was not quantized on this worker before measuring; this is a bug in the coordinator")
         x = ms.Tensor(self.inputs.get(batch))
+        wq, lin, kv = cur.measure
+        if cur.moe is not None:
+            cur.moe.quant_pass.begin(batch, wq, x, self.rope.cos_sin, self.rope.mask, lin, kv=kv)
+            if cur.moe.float_pass is not None:
+                cur.moe.float_pass.begin(batch, cur.tensors, x, self.rope.cos_sin, self.rope.mask, cur.float_linear)
+            return None
         if batch in self.outputs:
             yf = ms.Tensor(self.outputs.get(batch))
         else:  # a committed layer in the sequential schedule: no float pass ran
             yf = decoder_layer(cur.tensors, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=cur.float_linear, index=layer)
-        wq, lin, kv = cur.measure
         yq = decoder_layer(wq, self.spec, x, self.rope.cos_sin, self.rope.mask, linear=lin, kv=kv, index=layer)
+        return self._measured(x, yf, yq, batch)
+
+    def _measured(self, x: ms.Tensor, yf: ms.Tensor, yq: ms.Tensor, batch: int) -> np.ndarray:
         errors = batch_errors(x, yf, yq)
         if self.hand_on_quantized:
             self.outputs.put(batch, yq.asnumpy())
+        return errors
+
+    def measure_experts(self, layer: int, e0: int, e1: int) -> dict[int, np.ndarray]:
+        """Routed experts [e0, e1) of the streamed layer, each read again and quantized (its tensors
+        go to the shard), on the quantized pass of every micro-batch ``measure`` began. After the last
+        expert: every micro-batch's error (else empty), and the layer is written and committed."""
+        cur = self._streamed(layer)
+        m, committed = cur.moe, layer in self.committed
+        parts = layer_parts(self.spec.layer(layer))
+        for e in range(e0, e1):
+            stored = self._read_expert(cur, e) if not committed or m.float_pass is not None else {}
+            if committed:
+                linears = {n.rsplit(".", 1)[0] for n in m.experts[e]}
+                ql = self._rebuild(layer, lambda n: n.rsplit(".", 1)[0] in linears)
+            else:
+                ql = quantize_layer(layer, StoredLayer(stored), m.stats, self.cfg, self.spec, self.model_dtype,
+                                    part=parts[e + 1][0])
+                self._write_part(cur, ql)
+            plain = {n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in stored.items()
+                     if n.rsplit(".", 1)[0] not in ql.linears}
+            m.quant_pass.expert(e, fake_linear(ql, plain))
+            if m.float_pass is not None:
+                m.float_pass.expert(e, float_from_stored(stored))
+            del ql, stored, plain
+        if e1 < len(m.experts):
+            return {}
+        errors = {}
+        for b in m.quant_pass.batches:
+            x = ms.Tensor(self.inputs.get(b))
+            yf = ms.Tensor(self.outputs.get(b)) if b in self.outputs else m.float_pass.output(b)
+            errors[b] = self._measured(x, yf, m.quant_pass.output(b), b)
+        if not committed:
+            ql = merge_parts(m.parts)
+            desc = ql.description if self.cfg.backend is BackendTarget.ASCEND else None  # as deploy_tensors gives
+            cur.result = self._layer_result(layer, ql, m.record, desc, m.shard.close if m.shard is not None else None)
+        m.quant_pass = m.float_pass = None
         return errors
 
     def end_layer(self, layer: int) -> LayerResult | None:
@@ -327,6 +531,9 @@ class StageWorker:
         if cur is None or cur.index != layer:
             raise RuntimeError(f"layer {layer} is not the layer in flight on this worker; this is a bug in the coordinator")
         self.layer = None
+        for run in (cur.moe.float_pass, cur.moe.quant_pass) if cur.moe else ():
+            if run is not None:
+                run.clear()
         self.inputs.clear()
         self.inputs, self.outputs = self.outputs, self.inputs
         if cur.result is not None and layer not in self.committed:
@@ -336,20 +543,24 @@ class StageWorker:
     # ---- without calibration data ------------------------------------------------------------
     def quantize_stage(self, merged: dict[int, LayerStats] | None) -> list[LayerResult]:
         """Quantize every layer of the stage from given statistics (--stats) or none (data-free);
-        without statistics a layer is read linear by linear, since no forward needs it whole."""
+        without statistics a layer is read linear by linear, since no forward needs it whole; with
+        them, a MoE layer too large to hold is read part by part (one expert at a time)."""
         results = []
         for i in self.stage.layers:
             t0 = time.time()
             if i in self.committed:
                 results.append(self._resumed(i))
                 continue
-            if merged is None:
-                prefix = self.spec.layer_prefix(i)
-                order = read_order(self.spec.layer(i), (n[len(prefix):] for n in self.spec.layer_shapes(i)))
-                weights = self.ckpt.layer_lazy(i, order)
+            if merged is not None and self._streamed_experts(i) is not None:
+                result = self._quantize_in_parts(i, merged[i])
             else:
-                weights = self.ckpt.layer(i)
-            result, _ = self._quantize_and_write(i, None if merged is None else merged[i], weights, stream=True)
+                if merged is None:
+                    prefix = self.spec.layer_prefix(i)
+                    order = read_order(self.spec.layer(i), (n[len(prefix):] for n in self.spec.layer_shapes(i)))
+                    weights = self.ckpt.layer_lazy(i, order)
+                else:
+                    weights = self.ckpt.layer(i)
+                result, _ = self._quantize_and_write(i, None if merged is None else merged[i], weights, stream=True)
             result.seconds = time.time() - t0
             results.append(result)
         return results
@@ -368,37 +579,53 @@ class StageWorker:
         shard = StreamedShard(self.partial, fname, self.model_dtype, prefix) if streamed else None
         ql = quantize_layer(layer, weights, stats, self.cfg, self.spec, self.model_dtype, sink=shard and shard.add)
         tensors, mdt, int4, desc = deploy_tensors(ql, self.cfg.backend)
-        result = LayerResult(layer=layer, recovery=recovery_record(ql), experts=experts)
+
+        def write() -> dict[str, str]:
+            if shard:
+                return shard.close()
+            full = {prefix + n: a for n, a in tensors.items()}
+            return unified.write_shard(self.partial, fname, full, {prefix + n for n in mdt}, {prefix + n for n in int4},
+                                       self.model_dtype)
+
+        return self._layer_result(layer, ql, experts, desc, write if self.writer else None), ql
+
+    def _layer_result(self, layer: int, ql: QuantizedLayer, experts: dict | None, desc: dict | None,
+                      write) -> LayerResult:
+        """The layer's result; ``write`` (the writer's: writes the shard, returns its weight map) is
+        followed by the layer's commit."""
+        prefix = self.spec.layer_prefix(layer)
+        result = LayerResult(layer=layer, recovery=recovery_record(ql), experts=experts or {})
         if desc is not None:
             result.description = {prefix + n: t for n, t in desc.items()}
         if self.cfg.backend is BackendTarget.NONE:
             result.activation_params = activation_record(ql, prefix)
-        if self.writer:
-            full = {prefix + n: a for n, a in tensors.items()}
-            result.weight_map = shard.close() if shard else unified.write_shard(
-                self.partial, fname, full, {prefix + n for n in mdt}, {prefix + n for n in int4}, self.model_dtype
-            )
+        if write is not None:
+            result.weight_map = write()
+            fname = shard_file(self.cfg.backend, layer + 1, self.n_shards)
             commit.commit_layer(self.partial, layer, self.recipe, fname, result.to_commit(), layer_aux(ql))
             if self.kills_left is not None:
                 self.kills_left -= 1
                 if self.kills_left <= 0:
                     os.kill(os.getpid(), signal.SIGKILL)
-        return result, ql
+        return result
 
     def _resumed(self, layer: int) -> LayerResult:
         return LayerResult.from_commit(self.committed[layer]["row"])
 
-    def _rebuild(self, layer: int):
-        """The committed layer's fake-quant view, read back from its shard (every part of it)."""
+    def _rebuild(self, layer: int, keep=None):
+        """The committed layer's fake-quant view, read back from its shard (every part of it); ``keep``
+        (a test of layer-local names) reads only those tensors: a streamed layer's part."""
         rec = self.committed[layer]
         prefix = self.spec.layer_prefix(layer)
         desc = {n[len(prefix):]: t for n, t in rec["row"]["description"].items()}
+        if keep is not None:
+            desc = {n: t for n, t in desc.items() if keep(n)}
         tensors = {}
         for fname in sorted(set(rec["row"]["weight_map"].values()) or {rec["shard"]}):
             with SafetensorsFile(self.partial / fname) as f:
                 tensors.update({
                     n[len(prefix):]: f.get_float32(n) if f.dtype(n) in ("BF16", "F16", "F32") else np.array(f.get(n))
-                    for n in f.keys()
+                    for n in f.keys() if keep is None or keep(n[len(prefix):])
                 })
         return rebuild_layer(tensors, desc, rec["aux"])
 
