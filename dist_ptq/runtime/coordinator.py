@@ -349,13 +349,18 @@ def _calibration_input(sched: Schedule, model_dir: Path, spec: ArchSpec, fingerp
 
 def _run_schedule(pool: Workers, sched: Schedule, data: CalibrationInput, bar: Progress,
                   done: set[int]) -> tuple[list[LayerResult], list[dict], list[list[dict]]]:
-    """One attempt: every layer's result, the globals the first and last stage wrote, the placement."""
+    """One attempt: every layer's result, the globals the first and last stage wrote, the placement.
+
+    A last stage that is not the first copies the final norm and lm_head before its layers, while its
+    heap is small (the lm_head of a 129k vocabulary is 1.85 GB as stored); the first stage writes the
+    embedding from the read that embedded the micro-batches."""
+    last = len(pool.stages) - 1
+    early = invoke(pool.grid[last][0].write_globals) if last > 0 else None
     if data.batches:
         results, _ = run_layer_major(pool, data.batches, bar, done, sched)
     else:
         results = run_without_data(pool, data.stats, bar)
-    last = len(pool.stages) - 1
-    globs = [resolve(invoke(pool.grid[k][0].write_globals)) for k in sorted({0, last})]
+    globs = [resolve(invoke(pool.grid[0][0].write_globals))] + ([resolve(early)] if last > 0 else [])
     return results, globs, pool.placement()
 
 

@@ -31,6 +31,9 @@ from dist_ptq.runtime.activations import Budget, HiddenStates
 # A MoE layer whose routed experts take more than this as stored is streamed when calibrating
 # (Qwen3-30B-A3B: 1.2 GB a layer); a smaller one is held whole and read once.
 HOLD_MOE_BYTES = 512 << 20
+# A streamed layer's shard is written in parts of this size (a data-free one: export/stream.PART_BYTES,
+# 1 GiB): the part being filled is held in memory beside the passes' arrays.
+STREAM_PART_BYTES = 512 << 20
 
 
 class MoEPass:

@@ -6,7 +6,9 @@ returned per micro-batch), the layer is quantized with the statistics the coordi
 error measured on the same micro-batches, and it is released before the next layer is read. The
 micro-batches' hidden states between layers live in :class:`~dist_ptq.runtime.activations.HiddenStates`
 (memory up to ``--activation-memory``, local disk beyond). It knows nothing of scheduling: the
-coordinator calls these methods in the order a schedule needs. Under Ray it is an actor
+coordinator calls these methods in the order a schedule needs. A MoE layer too large to hold is run
+expert by expert over all micro-batches instead (runtime/moe_stream.py: ``observe_experts``,
+``measure_experts``). Under Ray it is an actor
 (``ray.remote(StageWorker)``); with one worker it runs in the driver.
 """
 
@@ -41,7 +43,7 @@ from dist_ptq.runtime.activations import Budget, HiddenStates
 from dist_ptq.runtime.layer_result import LayerResult
 from dist_ptq.runtime.layer_steps import (Needs, activation_record, batch_errors, deploy_tensors, layer_tap, observe_batch,
                                          recovery_record)
-from dist_ptq.runtime.moe_stream import HOLD_MOE_BYTES, MoEPass, expert_chunks
+from dist_ptq.runtime.moe_stream import HOLD_MOE_BYTES, STREAM_PART_BYTES, MoEPass, expert_chunks
 from dist_ptq.runtime.plan import Stage
 
 EMBED = "model.embed_tokens.weight"
@@ -415,7 +417,7 @@ class StageWorker:
                                     part=core_groups)
             if self.writer:
                 m.shard = StreamedShard(self.partial, shard_file(self.cfg.backend, layer + 1, self.n_shards),
-                                        self.model_dtype, self.spec.layer_prefix(layer))
+                                        self.model_dtype, self.spec.layer_prefix(layer), STREAM_PART_BYTES)
             self._write_part(cur, cur.ql)
         plain = self.linear_names - set(cur.ql.linears)
         cur.tensors.update({n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in cur.stored.items()
@@ -447,7 +449,7 @@ class StageWorker:
         prefix, spec = self.spec.layer_prefix(layer), self.spec.layer(layer)
         stats, experts = resolve_expert_stats(stats, spec, self.needs.min_expert_tokens)
         shard = StreamedShard(self.partial, shard_file(self.cfg.backend, layer + 1, self.n_shards), self.model_dtype,
-                              prefix) if self.writer else None
+                              prefix, STREAM_PART_BYTES) if self.writer else None
         routed = self._streamed_experts(layer)
         done = {n for names in routed for n in names}
         rest = [n[len(prefix):] for n in sorted(self.spec.layer_shapes(layer)) if n[len(prefix):] not in done]
@@ -506,7 +508,7 @@ class StageWorker:
                 self._write_part(cur, ql)
             plain = {n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in stored.items()
                      if n.rsplit(".", 1)[0] not in ql.linears}
-            m.quant_pass.expert(e, fake_linear(ql, plain))
+            m.quant_pass.expert(e, quantized_linears(ql, plain))  # a DeepSeek-V3 expert: one linear dequantized at a time
             if m.float_pass is not None:
                 m.float_pass.expert(e, float_from_stored(stored))
             del ql, stored, plain
