@@ -195,11 +195,12 @@ class _Streamed:
     """A MoE layer calibrated expert by expert (runtime/moe_stream.py): what its passes hold."""
 
     experts: list[list[str]]  # each routed expert's tensors (layer-local names), read when its turn comes
+    split: list[tuple[frozenset[str], tuple[str, ...]]]  # quant/layer.py layer_parts: (groups, linears), rest first
     float_pass: MoEPass | None = None
     quant_pass: MoEPass | None = None
     stats: LayerStats | None = None  # the merged statistics the experts are quantized with
     record: dict | None = None  # report.json's experts entry
-    parts: list[QuantizedLayer] | None = None  # the parts quantized so far, their weights dropped
+    written: list[QuantizedLayer] | None = None  # the parts quantized so far, their weights dropped
     shard: StreamedShard | None = None
 
 
@@ -300,7 +301,8 @@ class StageWorker:
                    if n.rsplit(".", 1)[0] not in self.linear_names}
         self.layer = _Layer(layer, stored, tensors, t0)
         if experts is not None:
-            self.layer.moe = _Streamed(experts, float_pass=MoEPass(self.spec, layer, self.budget, "float"))
+            self.layer.moe = _Streamed(experts, layer_parts(self.spec.layer(layer)),
+                                       float_pass=MoEPass(self.spec, layer, self.budget, "float"))
         return self.layer
 
     def _read_expert(self, cur: _Layer, e: int) -> dict[str, tuple[np.ndarray, str]]:
@@ -403,18 +405,17 @@ class StageWorker:
         """``quantize`` of a streamed MoE layer: all but its routed experts now (those are quantized
         one by one in ``measure_experts``), or rebuilt from the commit; then its measured pass set up."""
         layer, m = cur.index, cur.moe
-        core_groups, _ = layer_parts(self.spec.layer(layer))[0]
         if layer in self.committed:
             cur.result = self._resumed(layer)
             if not self.hand_on_quantized:  # pipeline: the float pass is all the next layer needs
                 cur.stored = {}
                 return
-            expert_linears = {n.rsplit(".", 1)[0] for names in m.experts for n in names}
+            expert_linears = {lin for _, linears in m.split[1:] for lin in linears}
             cur.ql = self._rebuild(layer, lambda n: n.rsplit(".", 1)[0] not in expert_linears)
         else:
             m.stats, m.record = resolve_expert_stats(merged, self.spec.layer(layer), self.needs.min_expert_tokens)
             cur.ql = quantize_layer(layer, StoredLayer(cur.stored), m.stats, self.cfg, self.spec, self.model_dtype,
-                                    part=core_groups)
+                                    part=m.split[0][0])
             if self.writer:
                 m.shard = StreamedShard(self.partial, shard_file(self.cfg.backend, layer + 1, self.n_shards),
                                         self.model_dtype, self.spec.layer_prefix(layer), STREAM_PART_BYTES)
@@ -432,7 +433,7 @@ class StageWorker:
         cur.measure = (wq, quantized_linears(cur.ql, wq), fake_kv(cur.ql, self.spec.cache_heads))
 
     def _write_part(self, cur: _Layer, ql: QuantizedLayer) -> None:
-        cur.moe.parts = (cur.moe.parts or []) + [self._part_written(cur.moe.shard, ql)]
+        cur.moe.written = (cur.moe.written or []) + [self._part_written(cur.moe.shard, ql)]
 
     def _part_written(self, shard: StreamedShard | None, ql: QuantizedLayer) -> QuantizedLayer:
         """Hand a quantized part's deploy tensors to the layer's shard (the writer's; None elsewhere);
@@ -496,15 +497,14 @@ class StageWorker:
         expert: every micro-batch's error (else empty), and the layer is written and committed."""
         cur = self._streamed(layer)
         m, committed = cur.moe, layer in self.committed
-        parts = layer_parts(self.spec.layer(layer))
         for e in range(e0, e1):
+            groups, linears = m.split[e + 1]
             stored = self._read_expert(cur, e) if not committed or m.float_pass is not None else {}
             if committed:
-                linears = {n.rsplit(".", 1)[0] for n in m.experts[e]}
                 ql = self._rebuild(layer, lambda n: n.rsplit(".", 1)[0] in linears)
             else:
                 ql = quantize_layer(layer, StoredLayer(stored), m.stats, self.cfg, self.spec, self.model_dtype,
-                                    part=parts[e + 1][0])
+                                    part=groups)
                 self._write_part(cur, ql)
             plain = {n: ms.Tensor.from_numpy(stored_to_float32(a, tag)) for n, (a, tag) in stored.items()
                      if n.rsplit(".", 1)[0] not in ql.linears}
@@ -520,7 +520,7 @@ class StageWorker:
             yf = ms.Tensor(self.outputs.get(b)) if b in self.outputs else m.float_pass.output(b)
             errors[b] = self._measured(x, yf, m.quant_pass.output(b), b)
         if not committed:
-            ql = merge_parts(m.parts)
+            ql = merge_parts(m.written)
             desc = ql.description if self.cfg.backend is BackendTarget.ASCEND else None  # as deploy_tensors gives
             cur.result = self._layer_result(layer, ql, m.record, desc, m.shard.close if m.shard is not None else None)
         m.quant_pass = m.float_pass = None
